@@ -1,0 +1,205 @@
+"""aio-pika: topology, consuming with a bounded prefetch, publishing with confirms, dead letters.
+
+Two robust connections, one to consume and one to publish, so broker flow control on publishes
+never delays acks (RabbitMQ production checklist). Both reconnect by themselves and restore
+their channels, QoS, topology and consumer; this object keeps strong references to all of them
+because aio-pika restores only what is still referenced.
+
+Topology (names from ``bus.yaml``)::
+
+    request_queue  quorum, durable; x-dead-letter-exchange=dead_letter_exchange,
+                   x-delivery-limit, at-least-once dead-lettering
+    dead_letter_exchange (fanout) -> dead_letter_queue (quorum, durable)
+    results_exchange (topic): results of requests without reply_to, routing key = agent
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from worker.errors import ConfigError
+from worker.messages import LLMResult
+from worker.settings import BusSettings
+
+log = structlog.get_logger("worker.bus")
+
+PUBLISH_TIMEOUT_S = 30.0
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def request_queue_arguments(settings: BusSettings) -> dict[str, Any]:
+    """Arguments of the request queue; supported by RabbitMQ 3.10 through 4.x."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": settings.dead_letter_exchange,
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+class Bus:
+    def __init__(self, settings: BusSettings, *, name: str = "llm-worker"):
+        self.settings = settings
+        self.name = name
+        self._consume_conn: AbstractRobustConnection | None = None
+        self._publish_conn: AbstractRobustConnection | None = None
+        self._consume_ch: AbstractChannel | None = None
+        self._publish_ch: AbstractChannel | None = None
+        self.request_queue: AbstractQueue | None = None
+        self.dead_letter_queue: AbstractQueue | None = None
+        self._results: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._consumer_tag: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        url = self.settings.url.get_secret_value()
+        self._consume_conn = await aio_pika.connect_robust(
+            url,
+            heartbeat=self.settings.heartbeat_s,
+            client_properties={"connection_name": f"{self.name}:consume"},
+        )
+        self._publish_conn = await aio_pika.connect_robust(
+            url,
+            heartbeat=self.settings.heartbeat_s,
+            client_properties={"connection_name": f"{self.name}:publish"},
+        )
+        self._consume_ch = await self._consume_conn.channel(publisher_confirms=False)
+        await self._consume_ch.set_qos(prefetch_count=self.settings.prefetch)
+        self._publish_ch = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=False)
+        await self.declare_topology()
+
+    async def declare_topology(self) -> None:
+        """Declare exchanges and queues; a mismatch with what exists names the fix."""
+        assert self._consume_ch is not None, "call connect() first"
+        assert self._publish_ch is not None
+        s = self.settings
+        try:
+            self._dlx = await self._publish_ch.declare_exchange(
+                s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+            )
+            self.dead_letter_queue = await self._consume_ch.declare_queue(
+                s.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await self.dead_letter_queue.bind(s.dead_letter_exchange)
+            self.request_queue = await self._consume_ch.declare_queue(
+                s.request_queue, durable=True, arguments=request_queue_arguments(s)
+            )
+            self._results = await self._publish_ch.declare_exchange(
+                s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        except aiormq.exceptions.PreconditionFailed as exc:
+            raise ConfigError(
+                "bus.yaml",
+                "bus",
+                f"the broker already has this queue or exchange with other settings ({exc}); delete it "
+                "(after draining it) or choose another name in bus.yaml",
+            ) from None
+
+    async def close(self) -> None:
+        for conn in (self._consume_conn, self._publish_conn):
+            if conn is not None and not conn.is_closed:
+                await conn.close()
+
+    @property
+    def connected(self) -> bool:
+        return all(
+            c is not None and not c.is_closed and c.connected.is_set()
+            for c in (self._consume_conn, self._publish_conn)
+        )
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    async def start_consuming(self, handler: Handler) -> None:
+        assert self.request_queue is not None
+        self._consumer_tag = await self.request_queue.consume(handler, no_ack=False)
+
+    async def stop_consuming(self) -> None:
+        """Stop new deliveries; those already received stay ours to finish and ack."""
+        if self.request_queue is not None and self._consumer_tag is not None:
+            await self.request_queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumer_tag is not None
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def reply(
+        self, result: LLMResult, *, reply_to: str | None, correlation_id: str | None, headers: dict[str, Any]
+    ) -> str:
+        """Publish ``result`` and wait for the broker's confirm.
+
+        Returns ``"replied"``, ``"published"`` (to the results exchange, no ``reply_to``) or
+        ``"unroutable"`` (the reply queue is gone: the caller left; the result stays in the store).
+        """
+        assert self._publish_ch is not None, "call connect() first"
+        assert self._results is not None
+        message = aio_pika.Message(
+            body=result.model_dump_json().encode(),
+            content_type="application/json",
+            correlation_id=correlation_id or result.request_id,
+            message_id=result.request_id,
+            type="LLMResult.v1",
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+        )
+        if reply_to:
+            confirm = await self._publish_ch.default_exchange.publish(
+                message, routing_key=reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            )
+            return "unroutable" if _returned(confirm) else "replied"
+        confirm = await self._results.publish(
+            message, routing_key=result.agent or "unknown", mandatory=True, timeout=PUBLISH_TIMEOUT_S
+        )
+        return "unroutable" if _returned(confirm) else "published"
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: dict[str, Any]) -> None:
+        """Copy ``message`` to the dead-letter exchange with ``reason`` in ``x-dlq-*`` headers.
+
+        The copy keeps the body and the properties a replay needs (reply_to, correlation_id,
+        message_id). Raises when the broker does not confirm, so the caller does not ack.
+        """
+        assert self._dlx is not None
+        headers = {k: v for k, v in (message.headers or {}).items() if not str(k).startswith("x-dlq-")}
+        headers.update({f"x-dlq-{k}": v for k, v in reason.items() if v is not None})
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            reply_to=message.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+        )
+        confirm = await self._dlx.publish(
+            copy, routing_key=self.settings.request_queue, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+        )
+        if _returned(confirm):
+            raise RuntimeError(
+                f"dead-letter exchange {self.settings.dead_letter_exchange} routes nowhere; "
+                f"is {self.settings.dead_letter_queue} bound to it?"
+            )
+
+
+def _returned(confirm: object) -> bool:
+    """aio-pika returns the message itself (not an Ack frame) when a mandatory publish was unroutable."""
+    return isinstance(confirm, aiormq.abc.DeliveredMessage)

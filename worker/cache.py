@@ -1,0 +1,75 @@
+"""Response cache: identical requests do not spend money twice.
+
+The key is a SHA-256 of the normalized request: the model group, the messages, every parameter
+that changes the answer, and a namespace (the agent, unless ``cache_namespace: shared``). Only
+successful answers are stored. The cache fails open: when Redis errors, the lookup is a miss,
+the store is skipped, and :attr:`ResponseCache.errors` counts it; a request never fails for it.
+
+litellm's own cache is not used: its key ignores the tenant, and a hit crashes in some releases
+(shared/research/litellm.md, section 7 and claim 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from pydantic import BaseModel
+from redis.exceptions import RedisError
+
+from worker.messages import LLMRequest, Tokens
+
+log = structlog.get_logger("worker.cache")
+
+
+class CachedAnswer(BaseModel):
+    """What a hit replays: the original answer, tokens and answering model."""
+
+    content: str | None
+    model: str
+    tokens: Tokens
+
+
+class ResponseCache:
+    def __init__(self, redis: aioredis.Redis, prefix: str, *, default_ttl_s: int, namespace: str):
+        self.redis, self.prefix = redis, prefix
+        self.default_ttl_s, self.namespace = default_ttl_s, namespace
+        self.errors = 0
+
+    def ttl_s(self, request: LLMRequest) -> int:
+        """0 means: do not use the cache for this request."""
+        if not request.use_cache:
+            return 0
+        return request.cache_ttl if request.cache_ttl is not None else self.default_ttl_s
+
+    def key(self, request: LLMRequest, model: str, temperature: float, max_tokens: int) -> str:
+        normalized: dict[str, Any] = {
+            "ns": request.agent if self.namespace == "agent" else "shared",
+            "model": model,
+            "messages": [m.model_dump(mode="json", exclude_none=True) for m in request.messages],
+            "temperature": temperature,
+            "max_tokens": max_tokens,
+        }
+        digest = hashlib.sha256(json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode())
+        return f"{self.prefix}cache:{digest.hexdigest()}"
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        try:
+            raw = await self.redis.get(key)
+        except (RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+        return CachedAnswer.model_validate_json(raw) if raw is not None else None
+
+    async def put(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
+        try:
+            await self.redis.set(key, answer.model_dump_json(), ex=ttl_s)
+        except (RedisError, OSError) as exc:
+            self._failed("put", exc)
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self.errors += 1
+        log.warning("cache.unavailable", op=op, error=type(exc).__name__)
