@@ -275,8 +275,10 @@ class WorkerProcess:
 
     def __init__(self, config_dir: Path, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
         self.config_dir, self.args = config_dir, args
+        # The config folder names the services; the environment's URLs would override it.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("AMQP_URL", "REDIS_URL")}
         self.env = {
-            **os.environ,
+            **inherited,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),

@@ -216,7 +216,7 @@ async def test_two_copies_in_flight_make_one_provider_call(
 
 
 async def test_replies_reach_the_right_caller_among_many(make_settings, start_worker, client, fake):
-    fake.latency_s = 0.05
+    fake.latency_s = 0.5  # long enough that the calls overlap even on a loaded machine
     prompts = [f"question number {i} {uuid.uuid4().hex}" for i in range(60)]
     async with start_worker(make_settings()):
         results = await asyncio.gather(*(client.complete(p, agent="critic") for p in prompts))

@@ -20,6 +20,10 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker.bus import Bus
 from worker.cache import ResponseCache
@@ -37,13 +41,19 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def make_redis(settings: Settings) -> aioredis.Redis:
+def make_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
+    """A pooled client that rides out a blip (two quick retries) and then fails fast.
+
+    Retrying is safe because every write the worker makes is idempotent: ledger steps are keyed by
+    reservation, flight claims by a token of their own.
+    """
     return aioredis.Redis.from_url(
-        settings.redis.url.get_secret_value(),
+        url or settings.redis.url.get_secret_value(),
         socket_timeout=settings.redis.socket_timeout_s,
         socket_connect_timeout=settings.redis.connect_timeout_s,
         health_check_interval=15,
-        retry_on_timeout=False,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
         max_connections=max(64, settings.bus.prefetch * 2),
     )
 
@@ -156,11 +166,15 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         heartbeat = Heartbeat(redis, prefix, worker_id)
         heartbeat.start()
         stack.push_async_callback(heartbeat.stop)
+        cache_redis = redis
+        if settings.redis.cache_url is not None:
+            cache_redis = make_redis(settings, settings.redis.cache_url.get_secret_value())
+            stack.push_async_callback(cache_redis.aclose)
         ledger = BudgetLedger(
             redis, prefix, settings.llm.budget, reservation_ttl_s=settings.llm.deadline_s + 60
         )
         cache = ResponseCache(
-            redis, prefix, default_ttl_s=settings.llm.cache_ttl, namespace=settings.llm.cache_namespace
+            cache_redis, prefix, default_ttl_s=settings.llm.cache_ttl, namespace=settings.llm.cache_namespace
         )
         pipeline = Pipeline(
             llm,

@@ -2,8 +2,11 @@
 
 The key is a SHA-256 of the normalized request: the model group, the messages, every parameter
 that changes the answer, and a namespace (the agent, unless ``cache_namespace: shared``). Only
-successful answers are stored. The cache fails open: when Redis errors, the lookup is a miss,
-the store is skipped, and :attr:`ResponseCache.errors` counts it; a request never fails for it.
+successful answers are stored. The cache fails open: a lookup that cannot reach Redis raises
+:class:`CacheUnavailable`, which the pipeline treats as "no cache for this request"; a store that
+fails is skipped. :attr:`ResponseCache.errors` counts both; a request never fails for them.
+The cache may live on a Redis of its own (``redis.cache_url``, e.g. with ``allkeys-lru``),
+apart from the ledger's, which must never evict.
 
 litellm's own cache is not used: its key ignores the tenant, and a hit crashes in some releases
 (shared/research/litellm.md, section 7 and claim 4).
@@ -25,6 +28,10 @@ from worker.messages import LLMRequest, Tokens
 log = structlog.get_logger("worker.cache")
 
 
+class CacheUnavailable(Exception):
+    """The cache's Redis did not answer; the request goes on without the cache."""
+
+
 class CachedAnswer(BaseModel):
     """What a hit replays: the original answer, tokens and answering model."""
 
@@ -38,6 +45,8 @@ class ResponseCache:
         self.redis, self.prefix = redis, prefix
         self.default_ttl_s, self.namespace = default_ttl_s, namespace
         self.errors = 0
+        self.hits = 0
+        self.misses = 0
 
     def ttl_s(self, request: LLMRequest) -> int:
         """0 means: do not use the cache for this request."""
@@ -57,19 +66,21 @@ class ResponseCache:
         return f"{self.prefix}cache:{digest.hexdigest()}"
 
     async def get(self, key: str) -> CachedAnswer | None:
+        """The stored answer, or None; raises :class:`CacheUnavailable` when Redis does not answer."""
         try:
             raw = await self.redis.get(key)
         except (RedisError, OSError) as exc:
-            self._failed("get", exc)
-            return None
+            self.failed("get", exc)
+            raise CacheUnavailable(str(exc)) from exc
         return CachedAnswer.model_validate_json(raw) if raw is not None else None
 
     async def put(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
         try:
             await self.redis.set(key, answer.model_dump_json(), ex=ttl_s)
         except (RedisError, OSError) as exc:
-            self._failed("put", exc)
+            self.failed("put", exc)
 
-    def _failed(self, op: str, exc: BaseException) -> None:
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Count and log a cache operation that could not reach Redis."""
         self.errors += 1
         log.warning("cache.unavailable", op=op, error=type(exc).__name__)

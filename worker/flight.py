@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -77,6 +78,7 @@ class Claim(Generic[_T]):
     owned: bool
     found: _T | None = None
     timed_out: bool = False
+    token: str = ""
 
 
 class SingleFlight:
@@ -88,8 +90,15 @@ class SingleFlight:
     def _key(self, key: str) -> str:
         return f"{self.prefix}flight:{key}"
 
-    async def release(self, key: str) -> None:
-        await self._release(keys=[self._key(key)], args=[self.worker_id])
+    async def release(self, key: str, claim: Claim[Any]) -> None:
+        """Give up an owned claim (only ours: a claim taken over meanwhile is left alone)."""
+        await self._release(keys=[self._key(key)], args=[claim.token])
+
+    async def _claim(self, flight_key: str, token: str, ttl_ms: int) -> bool:
+        if await self.redis.set(flight_key, token, nx=True, px=ttl_ms):
+            return True
+        holder = await self.redis.get(flight_key)
+        return holder is not None and _text(holder) == token
 
     async def claim_or_wait(
         self,
@@ -105,32 +114,38 @@ class SingleFlight:
         """
         delay = 0.005
         flight_key, ttl_ms = self._key(key), int(ttl_s * 1000)
+        # A token per claim: a retried SET whose first try landed still recognises its own claim.
+        token = f"{self.worker_id}|{uuid.uuid4().hex[:8]}"
         while True:
             found = await fetch()
             if found is not None:
                 return Claim(owned=False, found=found)
-            if await self.redis.set(flight_key, self.worker_id, nx=True, px=ttl_ms):
+            if await self._claim(flight_key, token, ttl_ms):
                 # The holder may have finished between our fetch and our claim: look once more.
                 found = await fetch()
                 if found is not None:
-                    await self.release(key)
+                    await self._release(keys=[flight_key], args=[token])
                     return Claim(owned=False, found=found)
-                return Claim(owned=True)
-            if await self._take_over_from_dead(flight_key, ttl_ms):
-                return Claim(owned=True)
+                return Claim(owned=True, token=token)
+            if await self._take_over_from_dead(flight_key, token, ttl_ms):
+                return Claim(owned=True, token=token)
             if time.monotonic() >= wait_until:
                 return Claim(owned=False, timed_out=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    async def _take_over_from_dead(self, flight_key: str, ttl_ms: int) -> bool:
+    async def _take_over_from_dead(self, flight_key: str, token: str, ttl_ms: int) -> bool:
         holder = await self.redis.get(flight_key)
-        if holder is None or await self._alive(holder):
+        if holder is None or await self._alive(_text(holder)):
             return False
-        return bool(await self._steal(keys=[flight_key], args=[holder, self.worker_id, ttl_ms]))
+        return bool(await self._steal(keys=[flight_key], args=[holder, token, ttl_ms]))
 
-    async def _alive(self, holder: bytes | str) -> bool:
-        holder_id = holder.decode() if isinstance(holder, bytes) else holder
+    async def _alive(self, holder: str) -> bool:
+        holder_id = holder.split("|", 1)[0]
         if holder_id == self.worker_id:
             return True
         return bool(await self.redis.exists(f"{self.prefix}worker:{holder_id}"))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -18,7 +18,7 @@ import structlog
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from worker.cache import CachedAnswer, ResponseCache
+from worker.cache import CachedAnswer, CacheUnavailable, ResponseCache
 from worker.errors import BudgetExceeded, InvalidRequest, LedgerUnavailable, ProviderError
 from worker.flight import SingleFlight
 from worker.ledger import BudgetLedger, Reservation
@@ -111,7 +111,7 @@ class Pipeline:
         try:
             return await self._serve(request, started, deadline)
         finally:
-            await _quietly(self.flight.release(f"req:{request.request_id}"))
+            await _quietly(self.flight.release(f"req:{request.request_id}", claim))
 
     # -- parse ---------------------------------------------------------------------------------
 
@@ -180,17 +180,21 @@ class Pipeline:
                 ttl_s=self.limits.deadline_s + 60,
                 wait_until=min(deadline, time.monotonic() + self.limits.cache_wait_s),
             )
+        except CacheUnavailable:  # fail open: no cache for this request
+            return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
         except (RedisError, OSError) as exc:
-            self.cache._failed("flight", exc)
+            self.cache.failed("flight", exc)
             return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
         if claim.found is not None:
+            self.cache.hits += 1
             return await self._cache_hit(request, claim.found, started)
+        self.cache.misses += 1
         if not claim.owned:  # the holder is slow: do not wait past cache_wait_s, call ourselves
             return await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl)
         try:
             return await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl)
         finally:
-            await _quietly(self.flight.release(f"cache:{cache_key}"))
+            await _quietly(self.flight.release(f"cache:{cache_key}", claim))
 
     async def _cache_hit(self, request: LLMRequest, answer: CachedAnswer, started: float) -> Outcome:
         outcome = _outcome(

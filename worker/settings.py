@@ -116,6 +116,9 @@ class RedisSettings(BaseModel):
     model_config = _Strict
 
     url: SecretStr
+    cache_url: SecretStr | None = Field(
+        default=None, description="A separate Redis for the response cache (default: url)."
+    )
     key_prefix: str = Field(min_length=1)
     socket_timeout_s: float = Field(gt=0)
     connect_timeout_s: float = Field(gt=0)

@@ -32,6 +32,7 @@ import json
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -59,6 +60,7 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self._runner: web.AppRunner | None = None
+        self._changed = asyncio.Condition()
         self.port = 0
 
     @property
@@ -97,6 +99,19 @@ class FakeOpenAI:
     def total_calls(self) -> int:
         return sum(self.calls.values())
 
+    async def wait_until(self, predicate: Callable[[FakeOpenAI], bool], timeout_s: float = 30) -> None:
+        """Wait until ``predicate(self)`` holds (checked whenever a call starts or ends)."""
+
+        async def check() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: predicate(self))
+
+        await asyncio.wait_for(check(), timeout_s)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
     async def _stats(self, _: web.Request) -> web.Response:
         return web.json_response({"calls": dict(self.calls), "max_in_flight": self.max_in_flight})
 
@@ -112,10 +127,12 @@ class FakeOpenAI:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        await self._notify()
         try:
             return await self._answer(model, n, body)
         finally:
             self.in_flight -= 1
+            await self._notify()
 
     async def _answer(self, model: str, n: int, body: dict[str, Any]) -> web.StreamResponse:
         if self.latency_s:
