@@ -50,8 +50,13 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
     litellm.suppress_debug_info = True
     params = {"model": "openai/ok", "api_base": f"http://127.0.0.1:{port}/v1", "api_key": "sk-fake"}
     router = litellm.Router(
-        model_list=[{"model_name": "chat", "litellm_params": params,
-                     "model_info": {"id": "chat#0", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6}}],
+        model_list=[
+            {
+                "model_name": "chat",
+                "litellm_params": params,
+                "model_info": {"id": "chat#0", "input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
+            }
+        ],
         num_retries=0,
     )
     messages = [{"role": "user", "content": "hello there general kenobi"}]
@@ -60,10 +65,12 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
     paths: dict[str, Callable[[], Awaitable[object]]] = {
         "router": lambda: router.acompletion(model="chat", num_retries=0, **common),
         "router, no success logging": lambda: router.acompletion(
-            model="chat", num_retries=0, _is_litellm_internal_call=True, **common),
+            model="chat", num_retries=0, _is_litellm_internal_call=True, **common
+        ),
         "direct": lambda: litellm.acompletion(**params, max_retries=0, **common),
         "direct, no success logging": lambda: litellm.acompletion(
-            **params, max_retries=0, _is_litellm_internal_call=True, **common),
+            **params, max_retries=0, _is_litellm_internal_call=True, **common
+        ),
     }
     print(describe())
     print(f"# {calls} calls per path per round, concurrency {concurrency}, {rounds} rounds (interleaved)")
@@ -83,14 +90,20 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
 
 
 def cli() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=18941)
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-m", "tests.fakes.openai_server", "--port", str(args.port)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(args.port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         server.stdout.readline()

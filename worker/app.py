@@ -153,6 +153,33 @@ class Worker:
         return not pending
 
 
+def build_pipeline(
+    settings: Settings, llm: LLM, redis: aioredis.Redis, cache_redis: aioredis.Redis, worker_id: str
+) -> Pipeline:
+    """Wire the pipeline's collaborators: result store, cache, ledger."""
+    prefix = settings.redis.key_prefix
+    results = ResultStore(SingleFlight(redis, prefix, worker_id), prefix)
+    cache = ResponseCache(
+        SingleFlight(cache_redis, prefix, worker_id),
+        prefix,
+        default_ttl_s=settings.llm.cache_ttl,
+        namespace=settings.llm.cache_namespace,
+    )
+    ledger = BudgetLedger(
+        redis,
+        prefix,
+        settings.llm.budget,
+        reservation_ttl_s=settings.llm.deadline_s + 60,
+        result_key=results.key,
+    )
+    limits = PipelineLimits(
+        deadline_s=settings.llm.deadline_s,
+        result_ttl_s=settings.redis.result_ttl_s,
+        max_body_bytes=settings.bus.max_body_bytes,
+    )
+    return Pipeline(llm, ledger, cache, results, limits)
+
+
 @contextlib.asynccontextmanager
 async def running_worker(settings: Settings, *, worker_id: str | None = None) -> AsyncIterator[Worker]:
     """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order."""
@@ -163,31 +190,14 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         redis = make_redis(settings)
         stack.push_async_callback(redis.aclose)
         prefix = settings.redis.key_prefix
-        heartbeat = Heartbeat(redis, prefix, worker_id)
-        heartbeat.start()
-        stack.push_async_callback(heartbeat.stop)
         cache_redis = redis
         if settings.redis.cache_url is not None:
             cache_redis = make_redis(settings, settings.redis.cache_url.get_secret_value())
             stack.push_async_callback(cache_redis.aclose)
-        ledger = BudgetLedger(
-            redis, prefix, settings.llm.budget, reservation_ttl_s=settings.llm.deadline_s + 60
-        )
-        cache = ResponseCache(
-            cache_redis, prefix, default_ttl_s=settings.llm.cache_ttl, namespace=settings.llm.cache_namespace
-        )
-        pipeline = Pipeline(
-            llm,
-            ledger,
-            cache,
-            ResultStore(redis, prefix),
-            SingleFlight(redis, prefix, worker_id),
-            PipelineLimits(
-                deadline_s=settings.llm.deadline_s,
-                result_ttl_s=settings.redis.result_ttl_s,
-                max_body_bytes=settings.bus.max_body_bytes,
-            ),
-        )
+        heartbeat = Heartbeat([redis] if cache_redis is redis else [redis, cache_redis], prefix, worker_id)
+        heartbeat.start()
+        stack.push_async_callback(heartbeat.stop)
+        pipeline = build_pipeline(settings, llm, redis, cache_redis, worker_id)
         bus = Bus(settings.bus, name=f"llm-worker:{worker_id}")
         await bus.connect()
         stack.push_async_callback(bus.close)

@@ -2,9 +2,12 @@
 
 The key is a SHA-256 of the normalized request: the model group, the messages, every parameter
 that changes the answer, and a namespace (the agent, unless ``cache_namespace: shared``). Only
-successful answers are stored. The cache fails open: a lookup that cannot reach Redis raises
-:class:`CacheUnavailable`, which the pipeline treats as "no cache for this request"; a store that
-fails is skipped. :attr:`ResponseCache.errors` counts both; a request never fails for them.
+successful answers are stored. A burst of identical requests makes one provider call: the first
+claims the key (:class:`~worker.flight.SingleFlight`), the others wait for its answer.
+
+The cache fails open: a lookup that cannot reach Redis raises :class:`CacheUnavailable`, which
+the pipeline treats as "no cache for this request"; a store that fails is skipped.
+:attr:`ResponseCache.errors` counts both; a request never fails for them.
 The cache may live on a Redis of its own (``redis.cache_url``, e.g. with ``allkeys-lru``),
 apart from the ledger's, which must never evict.
 
@@ -18,11 +21,11 @@ import hashlib
 import json
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
+from worker.flight import Claim, SingleFlight
 from worker.messages import LLMRequest, Tokens
 
 log = structlog.get_logger("worker.cache")
@@ -41,8 +44,8 @@ class CachedAnswer(BaseModel):
 
 
 class ResponseCache:
-    def __init__(self, redis: aioredis.Redis, prefix: str, *, default_ttl_s: int, namespace: str):
-        self.redis, self.prefix = redis, prefix
+    def __init__(self, flight: SingleFlight, prefix: str, *, default_ttl_s: int, namespace: str):
+        self.flight, self.redis, self.prefix = flight, flight.redis, prefix
         self.default_ttl_s, self.namespace = default_ttl_s, namespace
         self.errors = 0
         self.hits = 0
@@ -65,14 +68,28 @@ class ResponseCache:
         digest = hashlib.sha256(json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode())
         return f"{self.prefix}cache:{digest.hexdigest()}"
 
-    async def get(self, key: str) -> CachedAnswer | None:
-        """The stored answer, or None; raises :class:`CacheUnavailable` when Redis does not answer."""
+    async def claim_or_wait(self, key: str, *, ttl_s: float, wait_until: float) -> Claim[CachedAnswer]:
+        """A stored answer, the claim to produce one, or a time-out.
+
+        Raises :class:`CacheUnavailable` when the cache's Redis does not answer.
+        """
         try:
-            raw = await self.redis.get(key)
+            return await self.flight.claim_or_wait(
+                key,
+                answer_key=key,
+                decode=CachedAnswer.model_validate_json,
+                ttl_s=ttl_s,
+                wait_until=wait_until,
+            )
         except (RedisError, OSError) as exc:
-            self.failed("get", exc)
+            self.failed("lookup", exc)
             raise CacheUnavailable(str(exc)) from exc
-        return CachedAnswer.model_validate_json(raw) if raw is not None else None
+
+    async def release(self, key: str, claim: Claim[CachedAnswer]) -> None:
+        try:
+            await self.flight.release(key, claim)
+        except (RedisError, OSError) as exc:  # the claim expires by itself
+            self.failed("release", exc)
 
     async def put(self, key: str, answer: CachedAnswer, ttl_s: int) -> None:
         try:

@@ -2,9 +2,11 @@
 
 Used twice: per ``request_id`` (two copies of one request in flight make one provider call) and
 per cache key (a burst of identical requests makes one provider call). A claim is a Redis key
-``flight:<key>`` holding the holder's worker id. Every worker keeps ``worker:<id>`` alive with a
-short TTL (:class:`Heartbeat`); a waiter that finds the holder's heartbeat gone takes the claim
-over, so a worker killed mid-call delays its duplicates by seconds, not by the request deadline.
+``flight:<key>`` holding ``<worker id>|<token>``; the answer lives at a key of its own (the result
+store's or the cache's), and one Lua call reads the answer or takes the claim, so the common case
+costs one round trip. Every worker keeps ``worker:<id>`` alive with a short TTL
+(:class:`Heartbeat`); a waiter that finds the holder's heartbeat gone takes the claim over, so a
+worker killed mid-call delays its duplicates by seconds, not by the request deadline.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -24,6 +26,16 @@ from redis.exceptions import RedisError
 _T = TypeVar("_T")
 log = structlog.get_logger("worker.flight")
 
+# Read the answer, or claim the key, or say who holds it. KEYS: flight key, answer key.
+# ARGV: token, ttl_ms. A retried call whose first try landed finds its own token and owns it.
+_CLAIM = """
+local answer = redis.call('GET', KEYS[2])
+if answer then return {'found', answer} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'owned', ''} end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return {'owned', ''} end
+return {'held', holder or ''}
+"""
 # Take over a claim only if it still names the dead holder (compare-and-set).
 _STEAL = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -42,21 +54,24 @@ return 0
 
 
 class Heartbeat:
-    """Keeps ``<prefix>worker:<id>`` alive while this worker runs."""
+    """Keeps ``<prefix>worker:<id>`` alive in each Redis that holds this worker's claims."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, worker_id: str, *, ttl_s: float = 10.0):
-        self.redis, self.key, self.ttl_s = redis, f"{prefix}worker:{worker_id}", ttl_s
+    def __init__(
+        self, clients: Sequence[aioredis.Redis], prefix: str, worker_id: str, *, ttl_s: float = 10.0
+    ):
+        self.clients, self.key, self.ttl_s = list(clients), f"{prefix}worker:{worker_id}", ttl_s
         self._task: asyncio.Task[None] | None = None
 
     async def beat(self) -> None:
-        await self.redis.set(self.key, "1", px=int(self.ttl_s * 1000))
+        for client in self.clients:
+            try:
+                await client.set(self.key, "1", px=int(self.ttl_s * 1000))
+            except (RedisError, OSError) as exc:  # the next beat retries; meanwhile others see us as dead
+                log.warning("heartbeat.failed", error=type(exc).__name__)
 
     async def _run(self) -> None:
         while True:
-            try:
-                await self.beat()
-            except (RedisError, OSError) as exc:  # the next beat retries; meanwhile others see us as dead
-                log.warning("heartbeat.failed", error=type(exc).__name__)
+            await self.beat()
             await asyncio.sleep(self.ttl_s / 3)
 
     def start(self) -> None:
@@ -67,8 +82,9 @@ class Heartbeat:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        with contextlib.suppress(RedisError, OSError):  # shutting down: the key expires by itself
-            await self.redis.delete(self.key)
+        for client in self.clients:
+            with contextlib.suppress(RedisError, OSError):  # shutting down: the key expires by itself
+                await client.delete(self.key)
 
 
 @dataclass
@@ -82,63 +98,54 @@ class Claim(Generic[_T]):
 
 
 class SingleFlight:
+    """Claims on one Redis; the answers it waits for must be in the same Redis."""
+
     def __init__(self, redis: aioredis.Redis, prefix: str, worker_id: str):
         self.redis, self.prefix, self.worker_id = redis, prefix, worker_id
+        self._claim = redis.register_script(_CLAIM)
         self._steal = redis.register_script(_STEAL)
         self._release = redis.register_script(_RELEASE)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}flight:{key}"
 
-    async def release(self, key: str, claim: Claim[Any]) -> None:
+    async def release(self, key: str, claim: Claim[_T]) -> None:
         """Give up an owned claim (only ours: a claim taken over meanwhile is left alone)."""
         await self._release(keys=[self._key(key)], args=[claim.token])
-
-    async def _claim(self, flight_key: str, token: str, ttl_ms: int) -> bool:
-        if await self.redis.set(flight_key, token, nx=True, px=ttl_ms):
-            return True
-        holder = await self.redis.get(flight_key)
-        return holder is not None and _text(holder) == token
 
     async def claim_or_wait(
         self,
         key: str,
-        fetch: Callable[[], Awaitable[_T | None]],
         *,
+        answer_key: str,
+        decode: Callable[[bytes], _T],
         ttl_s: float,
         wait_until: float,
     ) -> Claim[_T]:
-        """Return the answer ``fetch`` finds, or own ``key``, or time out at ``wait_until`` (monotonic).
+        """The answer stored at ``answer_key``, or ownership of ``key``, or a time-out at ``wait_until``.
 
-        The caller that gets ``owned=True`` must do the work and then :meth:`release` the key.
+        ``wait_until`` is monotonic time. The caller that gets ``owned=True`` must do the work, store
+        its answer at ``answer_key``, then :meth:`release` the claim.
         """
         delay = 0.005
         flight_key, ttl_ms = self._key(key), int(ttl_s * 1000)
-        # A token per claim: a retried SET whose first try landed still recognises its own claim.
         token = f"{self.worker_id}|{uuid.uuid4().hex[:8]}"
         while True:
-            found = await fetch()
-            if found is not None:
-                return Claim(owned=False, found=found)
-            if await self._claim(flight_key, token, ttl_ms):
-                # The holder may have finished between our fetch and our claim: look once more.
-                found = await fetch()
-                if found is not None:
-                    await self._release(keys=[flight_key], args=[token])
-                    return Claim(owned=False, found=found)
+            outcome, value = await self._claim(keys=[flight_key, answer_key], args=[token, ttl_ms])
+            outcome = _text(outcome)
+            if outcome == "found":
+                return Claim(owned=False, found=decode(value))
+            if outcome == "owned":
                 return Claim(owned=True, token=token)
-            if await self._take_over_from_dead(flight_key, token, ttl_ms):
-                return Claim(owned=True, token=token)
+            holder = _text(value)
+            if holder and not await self._alive(holder):
+                if await self._steal(keys=[flight_key], args=[holder, token, ttl_ms]):
+                    return Claim(owned=True, token=token)
+                continue
             if time.monotonic() >= wait_until:
                 return Claim(owned=False, timed_out=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
-
-    async def _take_over_from_dead(self, flight_key: str, token: str, ttl_ms: int) -> bool:
-        holder = await self.redis.get(flight_key)
-        if holder is None or await self._alive(_text(holder)):
-            return False
-        return bool(await self._steal(keys=[flight_key], args=[holder, token, ttl_ms]))
 
     async def _alive(self, holder: str) -> bool:
         holder_id = holder.split("|", 1)[0]

@@ -74,9 +74,19 @@ class ScopeState:
 class BudgetLedger:
     """Reserve/settle against every budget scope of a request, atomically, in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, budget: Budget, *, reservation_ttl_s: float):
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str,
+        budget: Budget,
+        *,
+        reservation_ttl_s: float,
+        result_key: Callable[[str], str] | None = None,
+    ):
+        """``result_key(request_id)`` names where :meth:`settle` stores the answer (the result store's)."""
         self.redis = redis
         self.prefix = prefix
+        self.result_key = result_key or (lambda request_id: f"{prefix}result:{request_id}")
         self.budget = budget
         self.reservation_ttl_ms = int(reservation_ttl_s * 1000)
         self._tz = ZoneInfo(budget.timezone)
@@ -115,7 +125,7 @@ class BudgetLedger:
 
     def _keys(self, request_id: str, token: str, scopes: list[Scope]) -> list[str]:
         p = self.prefix
-        keys = [f"{p}resv:{request_id}", f"{p}settled:{request_id}:{token}", f"{p}result:{request_id}"]
+        keys = [f"{p}resv:{request_id}", f"{p}settled:{request_id}:{token}", self.result_key(request_id)]
         for scope in scopes:
             keys += [f"{p}budget:{scope.name}", f"{p}budget:{scope.name}:resv"]
         return keys

@@ -20,7 +20,6 @@ from redis.exceptions import RedisError
 
 from worker.cache import CachedAnswer, CacheUnavailable, ResponseCache
 from worker.errors import BudgetExceeded, InvalidRequest, LedgerUnavailable, ProviderError
-from worker.flight import SingleFlight
 from worker.ledger import BudgetLedger, Reservation
 from worker.llm import LLM, Completion
 from worker.messages import ErrorInfo, LLMRequest, LLMResult, Status, Tokens
@@ -69,10 +68,9 @@ class Pipeline:
         ledger: BudgetLedger,
         cache: ResponseCache,
         results: ResultStore,
-        flight: SingleFlight,
         limits: PipelineLimits,
     ):
-        self.llm, self.ledger, self.cache, self.results, self.flight = llm, ledger, cache, results, flight
+        self.llm, self.ledger, self.cache, self.results = llm, ledger, cache, results
         self.limits = limits
 
     async def handle(self, delivery: Delivery) -> Outcome:
@@ -83,11 +81,8 @@ class Pipeline:
         request = parsed
         deadline = self._deadline(request, started)
         try:
-            claim = await self.flight.claim_or_wait(
-                f"req:{request.request_id}",
-                lambda: self.results.get(request.request_id),
-                ttl_s=self.limits.deadline_s + 60,
-                wait_until=deadline,
+            claim = await self.results.claim_or_wait(
+                request.request_id, ttl_s=self.limits.deadline_s + 60, wait_until=deadline
             )
         except (RedisError, OSError) as exc:
             return _failed(
@@ -111,7 +106,7 @@ class Pipeline:
         try:
             return await self._serve(request, started, deadline)
         finally:
-            await _quietly(self.flight.release(f"req:{request.request_id}", claim))
+            await _quietly(self.results.release(request.request_id, claim))
 
     # -- parse ---------------------------------------------------------------------------------
 
@@ -174,16 +169,12 @@ class Pipeline:
             return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
         cache_key = self.cache.key(request, model, temperature, max_tokens)
         try:
-            claim = await self.flight.claim_or_wait(
-                f"cache:{cache_key}",
-                lambda: self.cache.get(cache_key),
+            claim = await self.cache.claim_or_wait(
+                cache_key,
                 ttl_s=self.limits.deadline_s + 60,
                 wait_until=min(deadline, time.monotonic() + self.limits.cache_wait_s),
             )
         except CacheUnavailable:  # fail open: no cache for this request
-            return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
-        except (RedisError, OSError) as exc:
-            self.cache.failed("flight", exc)
             return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
         if claim.found is not None:
             self.cache.hits += 1
@@ -194,7 +185,7 @@ class Pipeline:
         try:
             return await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl)
         finally:
-            await _quietly(self.flight.release(f"cache:{cache_key}", claim))
+            await self.cache.release(cache_key, claim)
 
     async def _cache_hit(self, request: LLMRequest, answer: CachedAnswer, started: float) -> Outcome:
         outcome = _outcome(
