@@ -385,21 +385,59 @@ async def test_perplexity_run_failed_inside_a_200_is_a_retryable_server_error_an
     assert (first["model"], first["error"], first["retryable"]) == ("perplexity", "ServerError", True)
 
 
-async def test_gemini_retry_delay_in_the_body_is_honoured(edge, make_settings, start_worker, client):
-    """Gemini sends no Retry-After header: its 429 carries google.rpc.RetryInfo.retryDelay."""
-    gemini = PROVIDERS["gemini"]
-    fake = await edge(gemini)
-    assert isinstance(fake, FakeGemini)
-    fake.retry_delay_s = 0.4
+@pytest.mark.parametrize(("name", "wait_s"), [("anthropic", 1), ("gemini", 0.4)])
+async def test_the_provider_wait_hint_is_honoured(name, wait_s, edge, make_settings, start_worker, client):
+    """Anthropic sends ``retry-after`` in whole seconds; Gemini sends no header, its 429 body
+    carries ``google.rpc.RetryInfo.retryDelay``."""
+    provider = PROVIDERS[name]
+    fake = await edge(provider)
+    if isinstance(fake, FakeGemini):
+        fake.retry_delay_s = wait_s
+    elif isinstance(fake, FakeAnthropic):
+        fake.retry_after_s = int(wait_s)
     fake.fail_next("rate_limit")
-    settings = make_settings(default_model="gemini", models=[gemini.deployment(fake)])
+    settings = make_settings(default_model=name, models=[provider.deployment(fake)])
     async with start_worker(settings):
         started = time.monotonic()
         result = await client.complete(messages(), agent="writer", max_tokens=MAX_TOKENS)
         elapsed = time.monotonic() - started
 
     assert result.status is Status.ok and result.attempts == 2
-    assert elapsed >= 0.4  # the configured backoff is 0.01 s: the wait came from retryDelay
+    assert elapsed >= wait_s  # the configured backoff is 0.01 s: the wait came from the provider
+
+
+async def test_anthropic_refuses_a_temperature_above_one_and_it_is_not_retried(
+    edge, make_settings, start_worker, client
+):
+    """The contract allows 0..2 (OpenAI's range); Anthropic's is 0..1 and litellm passes the value on."""
+    anthropic = PROVIDERS["anthropic"]
+    fake = await edge(anthropic)
+    settings = make_settings(default_model="anthropic", models=[anthropic.deployment(fake)])
+    async with start_worker(settings):
+        result = await client.complete(messages(), agent="writer", temperature=1.5, max_tokens=MAX_TOKENS)
+
+    assert fake.calls == 1 and fake.requests[0].body["temperature"] == 1.5
+    assert result.status is Status.failed
+    assert result.error is not None and result.error.type == "BadRequest" and not result.error.retryable
+
+
+async def test_perplexity_model_slug_with_web_search(edge, make_settings, start_worker, client):
+    """The README's alternative to a preset: a model slug (prefix written twice) plus web search."""
+    perplexity = PROVIDERS["perplexity"]
+    fake = await edge(perplexity)
+    deployment = perplexity.deployment(fake)
+    deployment["litellm_params"].update(
+        model="perplexity/responses/perplexity/perplexity/sonar", web_search_options={}
+    )
+    settings = make_settings(default_model="perplexity", models=[deployment])
+    async with start_worker(settings):
+        result = await client.complete(messages(), agent="writer", max_tokens=MAX_TOKENS)
+
+    assert result.status is Status.ok, result.error
+    body = fake.requests[0].body
+    assert body["model"] == "perplexity/sonar" and "preset" not in body
+    assert body["tools"] == [{"type": "web_search"}]
+    assert result.content == fake.sent[-1].text
 
 
 @pytest.mark.parametrize("name", MAIN)
