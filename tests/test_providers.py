@@ -416,7 +416,8 @@ async def test_anthropic_refuses_a_temperature_above_one_and_it_is_not_retried(
     async with start_worker(settings):
         result = await client.complete(messages(), agent="writer", temperature=1.5, max_tokens=MAX_TOKENS)
 
-    assert fake.calls == 1 and fake.requests[0].body["temperature"] == 1.5
+    assert fake.calls == 1 and fake.errors_sent == ["bad_request"]
+    assert fake.requests[0].body["temperature"] == 1.5
     assert result.status is Status.failed
     assert result.error is not None and result.error.type == "BadRequest" and not result.error.retryable
 

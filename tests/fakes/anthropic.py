@@ -108,7 +108,7 @@ class FakeAnthropic(ProviderFake):
             return failure
         last = received.body["messages"][-1]["content"]
         prompt = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last)
-        sent = self.answer_text(received, prompt)
+        sent = self.answer(prompt)
         payload = {
             "id": request_id("msg_"),
             "type": "message",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -48,7 +48,6 @@ class Sent:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class ProviderFake:
@@ -141,6 +140,7 @@ class ProviderFake:
             return received, self.error(kind)
         problem = self.invalid(received)
         if problem is not None:
+            self.errors_sent.append("bad_request")
             return received, self.bad_request(problem)
         return received, None
 
@@ -162,8 +162,8 @@ class ProviderFake:
     def bad_request(self, problem: str) -> web.Response:
         raise NotImplementedError
 
-    def answer_text(self, received: Received, prompt: str) -> Sent:
-        """The reply for this request: it names the provider and echoes the last user text."""
+    def answer(self, prompt: str) -> Sent:
+        """Record and return the reply: it names the provider and echoes the last user text."""
         sent = Sent(f"{self.name} answers: {prompt[:200]}", self.prompt_tokens, self.completion_tokens)
         self.sent.append(sent)
         return sent

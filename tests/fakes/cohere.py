@@ -77,7 +77,7 @@ class FakeCohere(ProviderFake):
             return failure
         last = received.body["messages"][-1].get("content", "")
         prompt = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last)
-        sent = self.answer_text(received, prompt)
+        sent = self.answer(prompt)
         payload = {
             "id": request_id(""),
             "finish_reason": "COMPLETE",

@@ -155,7 +155,7 @@ class FakeGemini(ProviderFake):
         if failure is not None:
             return failure
         last = received.body["contents"][-1]["parts"]
-        sent = self.answer_text(received, " ".join(part.get("text", "") for part in last))
+        sent = self.answer(" ".join(part.get("text", "") for part in last))
         usage = {
             "promptTokenCount": sent.prompt_tokens,
             "candidatesTokenCount": sent.completion_tokens,

@@ -63,7 +63,7 @@ class OpenAIChatFake(ProviderFake):
             return failure
         last = received.body["messages"][-1].get("content") or ""
         prompt = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last)
-        sent = self.answer_text(received, prompt)
+        sent = self.answer(prompt)
         payload = {
             "id": request_id("chatcmpl-"),
             "object": "chat.completion",

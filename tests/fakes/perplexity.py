@@ -151,7 +151,7 @@ class FakePerplexity(ProviderFake):
         received, failure = await self.receive(request)
         if failure is not None:
             return failure
-        sent = self.answer_text(received, _last_text(received.body["input"]))
+        sent = self.answer(_last_text(received.body["input"]))
         input_cost, output_cost = sent.prompt_tokens * 1e-6, sent.completion_tokens * 1e-6
         output = [
             {
