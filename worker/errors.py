@@ -112,38 +112,94 @@ _LITELLM_KINDS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def _retry_after_s(exc: BaseException) -> float | None:
+def _retry_after_s(exc: BaseException, message: str = "") -> float | None:
+    """The provider's wait hint in seconds: a ``Retry-After`` header, else Gemini's ``RetryInfo``.
+
+    Gemini sends no header; its 429 body carries ``{"@type": ".../google.rpc.RetryInfo",
+    "retryDelay": "7s"}`` (https://ai.google.dev/gemini-api/docs/rate-limits), which litellm
+    leaves in the message.
+    """
     headers: Any = getattr(exc, "litellm_response_headers", None)
     if headers is None:
         response = getattr(exc, "response", None)
         headers = getattr(response, "headers", None)
-    if headers is None:
-        return None
+    value = headers.get("retry-after") if headers is not None else None
+    if value is None and (delay := _RETRY_DELAY.search(message)):
+        value = delay.group(1)
     try:
-        value = headers.get("retry-after")
         return max(0.0, float(value)) if value is not None else None
     except (TypeError, ValueError):
         return None
 
 
+def _provider_answer(exc: BaseException) -> BaseException | None:
+    """The provider's own HTTP error under litellm's exception, if it kept one in the chain.
+
+    litellm raises its catch-all ``APIConnectionError`` for answers it has no rule for (Cohere's
+    429 in 1.82.6), and reports Anthropic's 529 as a 500: the provider's exception, with the
+    real status and headers, is still the ``__cause__``/``__context__`` below it.
+    """
+    seen: set[int] = set()
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        status = getattr(cause, "status_code", None)
+        if isinstance(status, int) and 200 <= status <= 599:
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _by_status(status: int) -> tuple[str, bool]:
+    """(kind, retryable) for an HTTP status, as the OpenAI SDK decides retries."""
+    if status < 400:  # a 2xx carrying a failed run (Perplexity's status "failed"): the provider's fault
+        return "ServerError", True
+    if status == 429:
+        return "RateLimited", True
+    if status in (408, 504):
+        return "Timeout", True
+    if status >= 500:
+        return ("ServiceUnavailable" if status == 503 else "ServerError"), True
+    return _CLIENT_KINDS.get(status, ("ProviderError", status == 409))
+
+
+_CLIENT_KINDS: dict[int, tuple[str, bool]] = {
+    400: ("BadRequest", False),
+    401: ("AuthenticationFailed", False),
+    403: ("PermissionDenied", False),
+    404: ("NotFound", False),
+    422: ("BadRequest", False),
+}
+_RETRY_DELAY = re.compile(r'"retryDelay":\s*"(\d+(?:\.\d+)?)s"')
+
+
 def from_litellm(exc: BaseException) -> ProviderError:
-    """Translate any exception raised by a litellm call into a :class:`ProviderError`."""
+    """Translate any exception raised by a litellm call into a :class:`ProviderError`.
+
+    litellm's class decides the kind; where litellm had no rule and fell back to its catch-all
+    (``APIConnectionError`` over an HTTP answer) or to a bare ``APIError``, the provider's HTTP
+    status decides instead. ``status_code`` is the provider's own status where it is known.
+    """
     names = {cls.__name__ for cls in type(exc).__mro__}
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
     message = str(getattr(exc, "message", "") or exc) or type(exc).__name__
+    answer = _provider_answer(exc)
+    if answer is not None:
+        status = getattr(answer, "status_code", status)
+    retry_after = _retry_after_s(answer if answer is not None else exc, message)
+    if retry_after is None and answer is not None:
+        retry_after = _retry_after_s(exc, message)
     for name, kind, retryable in _LITELLM_KINDS:
         if name in names:
+            if kind == "ConnectionError" and answer is not None and status is not None:
+                break  # not a connection error: the provider answered, and litellm had no rule for it
             return ProviderError(
-                kind, message, retryable=retryable, status_code=status, retry_after_s=_retry_after_s(exc)
+                kind, message, retryable=retryable, status_code=status, retry_after_s=retry_after
             )
-    if status is not None:  # APIError and friends: decide by status, as the OpenAI SDK does
-        retryable = status in (408, 409, 429) or status >= 500
+    if status is not None:
+        kind, retryable = _by_status(status)
         return ProviderError(
-            "ServerError" if status >= 500 else "ProviderError",
-            message,
-            retryable=retryable,
-            status_code=status,
-            retry_after_s=_retry_after_s(exc),
+            kind, message, retryable=retryable, status_code=status, retry_after_s=retry_after
         )
     return ProviderError("ProviderError", f"{type(exc).__name__}: {message}", retryable=False)
