@@ -339,3 +339,34 @@ async def test_offline_profile_answers_ask_over_the_bus(
     summary = err.decode()
     assert "[ok] model=claude-sonnet-4-6" in summary and "trace_id=" in summary
     assert "cost_usd=0.000330" in summary  # the mock's 10 + 20 tokens at the configured prices
+
+
+async def test_a_cooled_down_model_is_skipped_quickly_instead_of_failing(
+    make_settings, start_worker, client, fake
+):
+    """After a 404 litellm's Router cools the deployment down; later requests fall back at once."""
+    settings = make_settings(
+        fallback_models=["backup"],
+        models=[deployment("primary", "e404", fake.base_url), deployment("backup", "backup", fake.base_url)],
+    )
+    async with start_worker(settings):
+        first = await client.complete("one", agent="writer", use_cache=False)
+        second = await client.complete("two", agent="writer", use_cache=False)
+
+    assert first.status is Status.ok and first.model == "backup"
+    assert second.status is Status.ok and second.model == "backup" and second.fallback_used
+    assert fake.calls["e404"] == 1  # the cooled-down model was not called again
+    assert second.latency_ms < 2000  # no wait for the 30 s cooldown: the deadline is 10 s
+
+
+async def test_a_cooled_down_model_without_fallback_fails_retryable(
+    make_settings, start_worker, client, fake
+):
+    settings = make_settings(models=[deployment("primary", "e404", fake.base_url)])
+    async with start_worker(settings):
+        first = await client.complete("one", agent="writer", use_cache=False)
+        second = await client.complete("two", agent="writer", use_cache=False)
+
+    assert first.error is not None and not first.error.retryable  # litellm reports this 404 as BadRequest
+    assert second.error is not None and second.error.type == "NoHealthyDeployment" and second.error.retryable
+    assert fake.calls["e404"] == 1

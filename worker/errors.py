@@ -95,6 +95,10 @@ class ProviderError(WorkerError):
 
 # litellm class name -> (our kind, retryable). Order matters: subclasses before bases.
 _LITELLM_KINDS: tuple[tuple[str, str, bool], ...] = (
+    # The Router cooled every deployment of the group down (after a 401/404, or repeated failures):
+    # try later or elsewhere. Its cooldown_time becomes the wait hint.
+    ("RouterRateLimitError", "NoHealthyDeployment", True),
+    ("RouterRateLimitErrorBasic", "NoHealthyDeployment", True),
     ("ContextWindowExceededError", "ContextWindowExceeded", False),
     ("ContentPolicyViolationError", "ContentPolicyViolation", False),
     ("RateLimitError", "RateLimited", True),
@@ -119,6 +123,9 @@ def _retry_after_s(exc: BaseException, message: str = "") -> float | None:
     "retryDelay": "7s"}`` (https://ai.google.dev/gemini-api/docs/rate-limits), which litellm
     leaves in the message.
     """
+    cooldown = getattr(exc, "cooldown_time", None)
+    if isinstance(cooldown, int | float):
+        return float(cooldown)
     headers: Any = getattr(exc, "litellm_response_headers", None)
     if headers is None:
         response = getattr(exc, "response", None)
