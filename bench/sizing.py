@@ -387,7 +387,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration-s", type=float, default=20)
     parser.add_argument(
         "--scenarios",
-        default="1x64,1x128,1x256,2x256,2x512",
+        default="1x16,1x64,1x256,2x256,2x512",
         help="comma-separated NxC: N worker processes, C requests in flight in total",
     )
     return parser.parse_args()
