@@ -1,0 +1,398 @@
+"""Size worker replicas by measurement: requests/s, CPU and memory of real worker processes.
+
+Starts the fake OpenAI provider as its own process (every answer after ``--latency-ms``), then
+for each scenario N worker processes (``python -m worker run``, exactly what the image runs)
+on a private queue of the shared RabbitMQ and Redis, and a closed-loop load generator that
+keeps ``in_flight`` requests outstanding through ``LLMClient`` for ``--duration-s``. It prints
+the machine, then one line per scenario:
+
+    .venv/bin/python bench/sizing.py                       # the README's table (about 3 minutes)
+    .venv/bin/python bench/sizing.py --scenarios 1x256,2x512 --duration-s 30
+
+Scenario ``NxC``: N worker processes, C requests in flight in total. CPU is each worker's own
+CPU time over the measured window (``/proc/<pid>/stat``), RSS its resident memory at the end
+(``VmRSS``) and peak (``VmHWM``). Cache off, distinct prompts: every request is a provider call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from worker.client import LLMClient  # noqa: E402
+from worker.messages import Status  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- the machine --------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    from importlib.metadata import version
+
+    return (
+        f"# {platform.node()}: {os.cpu_count()} cpus ({model}), {mem_gib:.0f} GiB, {platform.system()} "
+        f"{platform.release()}; python {platform.python_version()}, litellm {version('litellm')}, "
+        f"aio-pika {version('aio-pika')}; load average before: {load}"
+    )
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent by the whole machine (all cores, every process) outside idle and iowait."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / CLOCK_TICKS
+
+
+def memory_mib(pid: int) -> tuple[float, float]:
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
+    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+
+
+async def start_fake(port: int, latency_ms: float) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.openai_server",
+        "--port",
+        str(port),
+        "--latency-ms",
+        str(latency_ms),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    await asyncio.wait_for(proc.stdout.readline(), 30)  # "fake openai listening on ..."
+    return proc
+
+
+@dataclass
+class WorkerProcess:
+    proc: asyncio.subprocess.Process
+    reader: asyncio.Task[None]
+    lines: list[str]
+
+
+async def start_worker(config: Path, timeout_s: float = 120) -> WorkerProcess:
+    """``python -m worker run`` at the production log level; returns once it logged worker.ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "--config",
+        str(config),
+        "run",
+        "--json-logs",
+        cwd=ROOT,
+        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    ready = asyncio.Event()
+    lines: list[str] = []
+
+    async def read() -> None:  # keep the pipe drained: one JSON line per request at info level
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            if not ready.is_set():
+                lines.append(raw.decode(errors="replace").rstrip())
+                if b'"worker.ready"' in raw:
+                    ready.set()
+
+    reader = asyncio.create_task(read())
+    try:
+        await asyncio.wait_for(ready.wait(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"worker did not become ready; it logged: {lines[-5:]}") from None
+    return WorkerProcess(proc, reader, lines)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM (the worker drains), then SIGKILL after a minute."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def write_config(folder: Path, tag: str, base_url: str, prefetch: int, amqp: str, redis: str) -> Path:
+    agents = ("writer", "critic", "editor", "researcher", "fact-checker")
+    llm = {
+        "default_model": "bench",
+        "fallback_models": [],
+        "temperature": 0.5,
+        "max_tokens": 64,
+        "timeout": 30,
+        "deadline_s": 60,
+        "num_retries": 0,
+        "cache_ttl": 0,
+        "agent_models": {},
+        "budget": {
+            "max_cost_per_task": 1000.0,
+            "max_cost_per_day": 100000.0,
+            "max_cost_per_agent_day": dict.fromkeys(agents, 100000.0),
+        },
+        "models": [
+            {
+                "model_name": "bench",
+                "litellm_params": {
+                    "model": "openai/ok",
+                    "api_base": base_url,
+                    "api_key": "sk-bench-not-a-key",
+                },
+                "model_info": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
+            }
+        ],
+    }
+    bus = {
+        "url": amqp,
+        "request_queue": f"bench.{tag}.requests",
+        "results_exchange": f"bench.{tag}.results",
+        "dead_letter_exchange": f"bench.{tag}.dlx",
+        "dead_letter_queue": f"bench.{tag}.dlq",
+        "prefetch": prefetch,
+        "delivery_limit": 5,
+        "drain_timeout_s": 60,
+    }
+    red = {
+        "url": redis,
+        "key_prefix": f"bench:{tag}:",
+        "socket_timeout_s": 5.0,
+        "connect_timeout_s": 2.0,
+        "result_ttl_s": 600,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, section in (("llm", llm), ("bus", bus), ("redis", red)):
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({name: section}))
+    return folder
+
+
+async def cleanup(amqp: str, redis_url: str, tag: str) -> None:
+    import aio_pika
+    import redis.asyncio as aioredis
+
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (f"bench.{tag}.requests", f"bench.{tag}.dlq"):
+            await channel.queue_delete(queue)
+        for exchange in (f"bench.{tag}.results", f"bench.{tag}.dlx"):
+            await channel.exchange_delete(exchange)
+    client = aioredis.Redis.from_url(redis_url)
+    async with client:
+        keys = [k async for k in client.scan_iter(match=f"bench:{tag}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i : i + 500])
+
+
+# -- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    workers: int
+    in_flight: int
+    requests: int
+    failed: int
+    wall_s: float
+    p50_ms: float
+    p95_ms: float
+    cpu_pct: list[float]
+    rss_mib: list[float]
+    peak_mib: list[float]
+    generator_cpu_pct: float
+    fake_cpu_pct: float
+    machine_busy_pct: float
+
+    def line(self) -> str:
+        rate = self.requests / self.wall_s
+        cpu_ms = sum(self.cpu_pct) * 10 * self.wall_s / max(self.requests, 1)
+        cpus = "+".join(f"{c:.0f}" for c in self.cpu_pct)
+        rss = "+".join(f"{r:.0f}" for r in self.rss_mib)
+        peak = "+".join(f"{r:.0f}" for r in self.peak_mib)
+        return (
+            f"workers={self.workers} in_flight={self.in_flight:4d}  {rate:7.1f} req/s "
+            f"({rate / self.workers:6.1f} per worker)  latency p50 {self.p50_ms:6.0f} ms p95 "
+            f"{self.p95_ms:6.0f} ms  worker cpu {cpus} %  cpu/request {cpu_ms:5.2f} ms  "
+            f"rss {rss} MiB (peak {peak})  load generator cpu {self.generator_cpu_pct:.0f} %  "
+            f"fake provider cpu {self.fake_cpu_pct:.0f} %  machine busy {self.machine_busy_pct:.0f} % "
+            f"of {os.cpu_count()} cpus  failed {self.failed}"
+        )
+
+
+async def closed_loop(client: LLMClient, in_flight: int, duration_s: float) -> tuple[list[float], int, float]:
+    """``in_flight`` lanes, each sending its next request as soon as its reply arrives."""
+    latencies: list[float] = []
+    failed = 0
+    stop_at = time.monotonic() + duration_s
+
+    async def lane(lane_id: int) -> None:
+        nonlocal failed
+        n = 0
+        while time.monotonic() < stop_at:
+            n += 1
+            started = time.monotonic()
+            result = await client.complete(
+                f"sizing lane {lane_id} call {n} {uuid.uuid4().hex}",
+                agent="writer",
+                use_cache=False,
+                timeout_s=120,
+            )
+            if result.status is Status.ok:
+                latencies.append(1000 * (time.monotonic() - started))
+            else:
+                failed += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(lane(i) for i in range(in_flight)))
+    return latencies, failed, time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def workers(config: Path, count: int) -> AsyncIterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    try:
+        for _ in range(count):
+            started.append(await start_worker(config))
+        yield started
+    finally:
+        for w in started:
+            await stop(w.proc)
+            w.reader.cancel()
+
+
+async def scenario(
+    config: Path, queue: str, amqp: str, fake_pid: int, count: int, in_flight: int, duration_s: float
+) -> Figures:
+    async with workers(config, count) as procs, LLMClient(amqp, request_queue=queue) as client:
+        # warm-up: the first calls build litellm's and the broker's connection pools
+        await asyncio.gather(
+            *(
+                client.complete(f"warm {uuid.uuid4().hex}", agent="writer", use_cache=False, timeout_s=180)
+                for _ in range(count * 20)
+            )
+        )
+        pids = [w.proc.pid for w in procs]
+        cpu0 = [cpu_seconds(pid) for pid in pids]
+        fake0, busy0 = cpu_seconds(fake_pid), machine_busy_seconds()
+        gen0, t0 = time.process_time(), time.monotonic()
+        latencies, failed, wall = await closed_loop(client, in_flight, duration_s)
+        elapsed = time.monotonic() - t0
+        cpu_pct = [100 * (cpu_seconds(pid) - c0) / elapsed for pid, c0 in zip(pids, cpu0, strict=True)]
+        memory = [memory_mib(pid) for pid in pids]
+        generator = 100 * (time.process_time() - gen0) / elapsed
+        fake = 100 * (cpu_seconds(fake_pid) - fake0) / elapsed
+        busy = 100 * (machine_busy_seconds() - busy0) / elapsed / (os.cpu_count() or 1)
+    quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [0.0] * 19
+    return Figures(
+        workers=count,
+        in_flight=in_flight,
+        requests=len(latencies),
+        failed=failed,
+        wall_s=wall,
+        p50_ms=statistics.median(latencies) if latencies else 0.0,
+        p95_ms=quantiles[18],
+        cpu_pct=cpu_pct,
+        rss_mib=[m[0] for m in memory],
+        peak_mib=[m[1] for m in memory],
+        generator_cpu_pct=generator,
+        fake_cpu_pct=fake,
+        machine_busy_pct=busy,
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    amqp = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    print(machine())
+    print(
+        f"# fake provider latency {args.latency_ms:g} ms, prefetch {args.prefetch} per worker, "
+        f"{args.duration_s:g} s per scenario, closed loop (each lane sends again on its reply)"
+    )
+    port = free_port()
+    fake = await start_fake(port, args.latency_ms)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = write_config(
+                Path(tmp), tag, f"http://127.0.0.1:{port}/v1", args.prefetch, amqp, redis_url
+            )
+            for spec in args.scenarios.split(","):
+                count, in_flight = (int(x) for x in spec.split("x"))
+                figures = await scenario(
+                    config, f"bench.{tag}.requests", amqp, fake.pid, count, in_flight, args.duration_s
+                )
+                print(figures.line(), flush=True)
+    finally:
+        await stop(fake)
+        await cleanup(amqp, redis_url, tag)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--latency-ms", type=float, default=1000)
+    parser.add_argument("--prefetch", type=int, default=256, help="bus.prefetch of each worker")
+    parser.add_argument("--duration-s", type=float, default=20)
+    parser.add_argument(
+        "--scenarios",
+        default="1x16,1x64,1x256,2x256,2x512",
+        help="comma-separated NxC: N worker processes, C requests in flight in total",
+    )
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(parse_args()))
