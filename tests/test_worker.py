@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import AGENTS, deployment
 from tests.helpers import drain_queue, raw_peer, request_body
 from worker.client import LLMTimeout
-from worker.messages import Status
+from worker.messages import LLMRequest, Status
 
 
 @pytest.mark.parametrize("agent", AGENTS)
@@ -245,9 +245,23 @@ async def test_many_calls_in_flight_on_one_event_loop(make_settings, start_worke
 
 async def test_client_timeout_raises_a_clear_error(make_settings, start_worker, client, fake):
     settings = make_settings(models=[deployment("primary", "slow3000", fake.base_url)])
+    # No deadline in the request (complete() would send one, and the worker would answer
+    # `failed` at that deadline): only the client's own patience is tested here.
+    request = LLMRequest(
+        request_id="patience", agent="writer", messages=[{"role": "user", "content": "slow"}]
+    )
     async with start_worker(settings):
         with pytest.raises(LLMTimeout, match="retry with the same request_id"):
-            await client.complete("slow", agent="writer", model="primary", timeout_s=0.5)
+            await client.send(request, timeout_s=0.5)
+
+
+async def test_worker_answers_at_the_deadline_the_client_sent(make_settings, start_worker, client, fake):
+    settings = make_settings(models=[deployment("primary", "slow3000", fake.base_url)])
+    async with start_worker(settings):
+        result = await client.complete("slow", agent="writer", timeout_s=1.0)
+    assert result.status is Status.failed
+    assert result.error is not None and result.error.type == "DeadlineExceeded"
+    assert result.latency_ms < 1500  # the deadline (1 s), not the provider (3 s)
 
 
 async def test_two_replicas_share_one_queue_and_answer_each_request_once(

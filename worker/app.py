@@ -186,6 +186,7 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
     worker_id = worker_id or new_worker_id()
     started = time.monotonic()
     llm = LLM.build(settings.llm)
+    await llm.warm_up()
     async with contextlib.AsyncExitStack() as stack:
         redis = make_redis(settings)
         stack.push_async_callback(redis.aclose)

@@ -26,6 +26,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from worker.messages import ChatMessage, LLMRequest, LLMResult, Role
 
 DEFAULT_TIMEOUT_S = 120.0
+# complete() waits this much past the deadline it sends, so that the worker's own answer at the
+# deadline (`failed: DeadlineExceeded` or `expired`) reaches the caller instead of a bare timeout.
+REPLY_GRACE_S = 2.0
 
 
 class LLMClientError(Exception):
@@ -114,7 +117,8 @@ class LLMClient:
     ) -> LLMResult:
         """Ask for one chat completion and wait for the worker's result (whatever its status).
 
-        ``timeout_s`` also becomes the request's ``deadline``: a worker that picks it up later
+        ``timeout_s`` also becomes the request's ``deadline`` (the client waits ``REPLY_GRACE_S``
+        longer for the worker's answer at that deadline): a worker that picks it up later
         answers ``expired`` instead of paying for an answer nobody waits for.
         """
         timeout_s = timeout_s if timeout_s is not None else self.default_timeout_s
@@ -132,7 +136,7 @@ class LLMClient:
         }
         if trace_id is not None:
             fields["trace_id"] = trace_id
-        return await self.send(LLMRequest(**fields), timeout_s=timeout_s)
+        return await self.send(LLMRequest(**fields), timeout_s=timeout_s + REPLY_GRACE_S)
 
     async def send(
         self, request: LLMRequest, *, timeout_s: float | None = None, headers: dict[str, Any] | None = None

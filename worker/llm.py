@@ -145,6 +145,19 @@ class LLM:
         )
         return cls(settings, router)
 
+    async def warm_up(self) -> None:
+        """Pay litellm's first-call costs before consuming: lazy imports, tokenizer loads.
+
+        Measured on the 2-core machine: the first Router call blocked the event loop ~1 s and the
+        first token count ~0.5 s, long enough for Redis reads in flight to time out on a fresh
+        replica. A mock response goes through the Router's real code path without any network.
+        """
+        messages = [{"role": "user", "content": "warm-up"}]
+        for model in dict.fromkeys(self._litellm_model.values()):
+            litellm.token_counter(model=model, messages=messages)
+        group = self.settings.default_model
+        await self.router.acompletion(model=group, messages=messages, mock_response="ok", num_retries=0)
+
     # -- model choice and prices -------------------------------------------------------------
 
     def choose_model(self, request: LLMRequest) -> str:
