@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from tests.conftest import WorkerProcess, deployment, llm_section, write_config
 from tests.helpers import queue_depth, raw_peer, request_body
 from tests.ops import eventually, peek_queue, run_cli
+from worker.app import running_worker
 from worker.messages import LLMRequest, LLMResult, Status
 from worker.pipeline import Delivery, Outcome, Pipeline, PipelineLimits
+from worker.settings import load_settings
 
 MAX_BODY = 8192
 
@@ -248,10 +250,9 @@ async def test_a_message_that_keeps_killing_workers_is_dead_lettered_by_the_brok
             lambda: _depth_at_least(amqp_url, names.dead_letter_queue, 1), what="the broker dead-letters it"
         )
 
-        survivor = await WorkerProcess(config).start()
-        worker_processes.append(survivor)
-        await peer.publish(request_body("business as usual"))
-        [reply] = await peer.wait_replies(1)
+        async with running_worker(load_settings(config, environ={})):  # a survivor, in this process
+            await peer.publish(request_body("business as usual"))
+            [reply] = await peer.wait_replies(1)
 
     assert peer_result(reply).status is Status.ok
     assert await queue_depth(amqp_url, names.request_queue) == 0  # no third worker was given the poison
