@@ -128,7 +128,9 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_charges_nothing_twice
     config, amqp_url, names, fake, worker_processes
 ):
     fake.latency_s = 0.5
-    folder = config(bus={"prefetch": 8})
+    # A redelivered request waits for the dead worker's claim on it until that worker's
+    # heartbeat expires (10 s): its deadline must be longer than that (production: 120 s).
+    folder = config(bus={"prefetch": 8}, deadline_s=30, timeout=10)
     first = await WorkerProcess(folder).start()
     worker_processes.append(first)
 
@@ -137,7 +139,9 @@ async def test_a_worker_killed_mid_batch_loses_nothing_and_charges_nothing_twice
         for i in range(40):
             body = request_body(f"batch {i} {uuid.uuid4().hex}", use_cache=False)
             prompts[await peer.publish(body)] = body["messages"][0]["content"]
-        await peer.wait_replies(10)
+        await eventually(
+            lambda: len(peer.replies) >= 10 and fake.in_flight >= 4, what="answers given and calls in flight"
+        )
         in_flight_at_kill = fake.in_flight
         first.signal(signal.SIGKILL)
         assert await first.wait() == -signal.SIGKILL
