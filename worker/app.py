@@ -73,13 +73,20 @@ class Worker:
         if self.stopping:  # delivered after the stop: not started, so back to the queue
             await self.bus.give_back(message, reason="shutting down")
             return
+        # A task of our own, shielded from the consumer's: aiormq cancels its consumer tasks when
+        # the channel closes (a dropped connection, a broker restart), which would throw away a
+        # paid LLM call in flight. Finished anyway, its answer is stored, and the redelivery after
+        # the reconnect is answered from the store without a second call.
+        await asyncio.shield(asyncio.ensure_future(self._process(message)))
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.in_flight.add(task)
         try:
             outcome = await self._outcome(message)
         except asyncio.CancelledError:
-            # Cancelled after the drain deadline: the pipeline has released the reservation;
+            # Cancelled by the drain deadline: the pipeline has released the reservation;
             # requeue now so another worker answers it (idempotency makes that safe).
             await self.bus.give_back(message, reason="drain deadline")
             raise
