@@ -357,7 +357,9 @@ def describe(letter: DeadLetter, now: datetime | None = None) -> list[str]:
         f"reply_to:     {m.reply_to or '-'}   correlation_id: {m.correlation_id or '-'}",
         "headers:",
     ]
-    lines += [f"  {k}: {_render(v)}" for k, v in sorted(letter.headers.items())]
+    # x-delivery-count here is the dead-letter queue's own, raised by every listing: noise.
+    shown = {k: v for k, v in letter.headers.items() if k != "x-delivery-count"}
+    lines += [f"  {k}: {_render(v)}" for k, v in sorted(shown.items())]
     lines += ["body:", *_body(m.body)]
     return lines
 
