@@ -77,12 +77,12 @@ class Worker:
         # the channel closes (a dropped connection, a broker restart), which would throw away a
         # paid LLM call in flight. Finished anyway, its answer is stored, and the redelivery after
         # the reconnect is answered from the store without a second call.
-        await asyncio.shield(asyncio.ensure_future(self._process(message)))
+        work = asyncio.ensure_future(self._process(message))
+        self.in_flight.add(work)  # now, so that a drain starting before its first step waits for it
+        await asyncio.shield(work)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
-        assert task is not None
-        self.in_flight.add(task)
         try:
             outcome = await self._outcome(message)
         except asyncio.CancelledError:
@@ -209,8 +209,6 @@ class Worker:
         """Let calls in flight finish within ``timeout_s``, then cancel the rest (their reservations
         are released, their messages requeued). True when everything finished in time."""
         self.begin_shutdown()
-        for _ in range(3):  # deliveries received before the consumer was cancelled start now
-            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self.in_flight or self.finishing:
