@@ -272,3 +272,14 @@ async def test_dlq_commands_name_the_fix_when_the_queue_does_not_exist(make_sett
     run = await run_cli(settings.config_dir, "dlq", "list")
     assert run.code == 1
     assert "does not exist on this broker: start a worker with this config" in run.err
+
+
+async def test_dlq_commands_name_the_broker_they_cannot_reach(tmp_path, names, redis_url, fake):
+    from tests.conftest import llm_section, write_config
+    from tests.services import free_port
+
+    url = f"amqp://guest:secret@127.0.0.1:{free_port()}/"
+    config = write_config(tmp_path / "cfg", names, url, redis_url, llm_section(fake.base_url))
+    run = await run_cli(config, "dlq", "list", env={"AMQP_URL": url})
+    assert run.code == 1 and "cannot reach the broker at amqp://guest:***@127.0.0.1:" in run.err
+    assert "secret" not in run.err and "Traceback" not in run.err

@@ -34,7 +34,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from worker.errors import WorkerError
-from worker.settings import BusSettings
+from worker.settings import BusSettings, redact_url
 
 DEFAULT_MAX_REPLAYS = 3
 REPLAY_WINDOW = 50  # publishes awaiting their confirms at once
@@ -180,9 +180,14 @@ class DeadLetters:
     async def open(cls, settings: BusSettings) -> AsyncIterator[DeadLetters]:
         # A plain connection, not a robust one: if it drops, the broker requeues whatever this
         # command holds, and the operator runs it again.
-        connection = await aio_pika.connect(
-            settings.url.get_secret_value(), client_properties={"connection_name": "llm-worker:dlq"}
-        )
+        url = settings.url.get_secret_value()
+        try:
+            connection = await aio_pika.connect(url, client_properties={"connection_name": "llm-worker:dlq"})
+        except (aiormq.exceptions.AMQPError, OSError) as exc:
+            raise DeadLetterError(
+                f"cannot reach the broker at {redact_url(url)} ({type(exc).__name__}: {exc}); "
+                "check bus.url in bus.yaml or AMQP_URL"
+            ) from None
         async with connection:
             read = await connection.channel(publisher_confirms=False)
             publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
