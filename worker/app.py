@@ -25,8 +25,9 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.bus import Bus
+from worker.bus import PUBLISH_TIMEOUT_S, Bus
 from worker.cache import ResponseCache
+from worker.dlq import peek_request
 from worker.flight import Heartbeat, SingleFlight
 from worker.ledger import BudgetLedger
 from worker.llm import LLM
@@ -35,6 +36,10 @@ from worker.results import ResultStore
 from worker.settings import Settings, redact_url
 
 log = structlog.get_logger("worker.app")
+
+# After the drain deadline, cancelled calls get this long to release their reservations.
+CANCEL_GRACE_S = 5.0
+EXIT_CONSUMER_LOST = 1
 
 
 def new_worker_id() -> str:
@@ -59,23 +64,53 @@ def make_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
 
 
 class Worker:
-    """Consumes requests, runs each through the pipeline, replies, dead-letters, acks."""
+    """Consumes requests, runs each through the pipeline, replies, dead-letters, acks.
+
+    Shutdown (``begin_shutdown`` then ``drain``): deliveries that arrive afterwards go back to the
+    queue unstarted; calls in flight get until the drain deadline, then are cancelled, which
+    releases their budget reservation and requeues their message. Replies being published when
+    the deadline passes are allowed to finish (their publish has its own timeout).
+    """
 
     def __init__(self, settings: Settings, *, bus: Bus, pipeline: Pipeline, worker_id: str):
         self.settings, self.bus, self.pipeline, self.worker_id = settings, bus, pipeline, worker_id
-        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.in_flight: set[asyncio.Task[Any]] = set()  # running the pipeline
+        self.finishing: set[asyncio.Future[None]] = set()  # publishing, dead-lettering, acking
+        self.stopping = False
         self.handled = 0
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
+        if self.stopping:  # delivered after the stop: not started, so back to the queue
+            await self.bus.give_back(message, reason="shutting down")
+            return
+        # A task of our own, shielded from the consumer's: aiormq cancels its consumer tasks when
+        # the channel closes (a dropped connection, a broker restart), which would throw away a
+        # paid LLM call in flight. Finished anyway, its answer is stored, and the redelivery after
+        # the reconnect is answered from the store without a second call.
+        work = asyncio.ensure_future(self._process(message))
+        self.in_flight.add(work)  # now, so that a drain starting before its first step waits for it
+        await asyncio.shield(work)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
-        assert task is not None
-        self.in_flight.add(task)
         try:
-            await self._handle(message)
+            outcome = await self._outcome(message)
+        except asyncio.CancelledError:
+            # Cancelled by the drain deadline: the pipeline has released the reservation;
+            # requeue now so another worker answers it (idempotency makes that safe).
+            await self.bus.give_back(message, reason="drain deadline")
+            raise
         finally:
             self.in_flight.discard(task)
+        if outcome is None:
+            return
+        # Reply, dead-letter and ack must all happen or none: shield them from cancellation.
+        finish = asyncio.ensure_future(self._finish(message, outcome))
+        self.finishing.add(finish)
+        finish.add_done_callback(self.finishing.discard)
+        await asyncio.shield(finish)
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _outcome(self, message: AbstractIncomingMessage) -> Outcome | None:
         delivery = Delivery(
             body=message.body,
             correlation_id=message.correlation_id,
@@ -83,13 +118,43 @@ class Worker:
             redelivered=bool(message.redelivered),
         )
         try:
-            outcome = await self.pipeline.handle(delivery)
-        except Exception:
-            log.exception("request.crashed", message_id=message.message_id, redelivered=message.redelivered)
-            await message.reject(requeue=True)
-            return
-        # Reply, dead-letter and ack must all happen or none: shield them from cancellation.
-        await asyncio.shield(self._finish(message, outcome))
+            return await self.pipeline.handle(delivery)
+        except Exception as exc:  # noqa: BLE001 - any bug: logged with its traceback in _crashed
+            await self._crashed(message, exc)
+            return None
+
+    async def _crashed(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """A bug or an unforeseen error: requeue (it may be transient) until the last delivery the
+        queue allows, then dead-letter it with the exception as the reason. A message that kills
+        the whole process never gets here: the broker dead-letters it (``delivery_limit``)."""
+        count = _delivery_count(message)
+        limit = self.settings.bus.delivery_limit
+        log.exception(
+            "request.crashed", message_id=message.message_id, delivery_count=count, delivery_limit=limit
+        )
+        try:
+            if count < limit:
+                await message.reject(requeue=True)
+                return
+            peek = peek_request(message.body)
+            await self.bus.dead_letter(
+                message,
+                {
+                    "reason": "WorkerCrashed",
+                    "message": f"{type(exc).__name__}: {exc}"[:500],
+                    "retryable": True,
+                    "attempts": count + 1,
+                    "at": datetime.now(UTC).isoformat(),
+                    "worker": self.worker_id,
+                    "agent": peek.agent,
+                    "request-id": peek.request_id or message.correlation_id,
+                    "delivery-count": count,
+                },
+            )
+            await message.ack()
+        except Exception as broker_exc:  # noqa: BLE001 - broker trouble: it redelivers the message
+            log.warning("request.not_acked", error=f"{type(broker_exc).__name__}: {broker_exc}")
+            await self.bus.give_back(message, reason="crash handling failed")
 
     async def _finish(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         result = outcome.result
@@ -103,10 +168,11 @@ class Worker:
             if outcome.dead_letter:
                 await self.bus.dead_letter(message, self._reason(outcome, message))
             await message.ack()
-        except Exception as exc:  # noqa: BLE001 - broker trouble: leave unacked, the broker redelivers
+        except Exception as exc:  # noqa: BLE001 - broker trouble: requeue; a redelivery is answered again
             log.warning(
                 "request.not_acked", request_id=result.request_id, error=f"{type(exc).__name__}: {exc}"
             )
+            await self.bus.give_back(message, reason="reply, dead letter or ack failed")
             return
         self.handled += 1
         log.info(
@@ -141,16 +207,39 @@ class Worker:
             "worker": self.worker_id,
             "agent": outcome.result.agent,
             "request-id": outcome.result.request_id,
+            "trace-id": outcome.result.trace_id,
             "delivery-count": (message.headers or {}).get("x-delivery-count"),
         }
 
+    def begin_shutdown(self) -> None:
+        """From now on, deliveries go back to the queue without being started."""
+        self.stopping = True
+
     async def drain(self, timeout_s: float) -> bool:
-        """Wait for calls in flight; True when all finished within ``timeout_s``."""
-        if not self.in_flight:
-            return True
-        log.info("worker.draining", in_flight=len(self.in_flight), timeout_s=timeout_s)
-        _, pending = await asyncio.wait(set(self.in_flight), timeout=timeout_s)
-        return not pending
+        """Let calls in flight finish within ``timeout_s``, then cancel the rest (their reservations
+        are released, their messages requeued). True when everything finished in time."""
+        self.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if self.in_flight or self.finishing:
+            log.info("worker.draining", in_flight=len(self.in_flight), timeout_s=timeout_s)
+        while (pending := self.in_flight | self.finishing) and loop.time() < deadline:
+            await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+        late = set(self.in_flight)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("worker.drain_deadline", cancelled=len(late), timeout_s=timeout_s)
+            await asyncio.wait(late, timeout=CANCEL_GRACE_S)
+        if self.finishing:  # bounded by the publish timeout
+            await asyncio.wait(set(self.finishing), timeout=PUBLISH_TIMEOUT_S + 1)
+        return not late
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """Earlier failed deliveries of ``message`` (quorum queues' ``x-delivery-count``; 0 if absent)."""
+    value = (message.headers or {}).get("x-delivery-count")
+    return value if isinstance(value, int) else 0
 
 
 def build_pipeline(
@@ -221,13 +310,15 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         try:
             yield worker
         finally:
+            worker.begin_shutdown()
             await bus.stop_consuming()
             drained = await worker.drain(settings.bus.drain_timeout_s)
             log.info("worker.stopped", worker_id=worker_id, handled=worker.handled, drained=drained)
 
 
 async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; a second signal exits at once (the broker redelivers)."""
+    """Run until SIGTERM/SIGINT, then drain and exit 0; a second signal exits at once (130; the
+    broker redelivers). Exits 1 when the consumer is lost for good (:meth:`Bus.watch_consumer`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -240,6 +331,9 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    async with running_worker(settings):
-        await stop.wait()
-    return 0
+    async with running_worker(settings) as worker:
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.bus.consumer_lost.wait())}
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+    return EXIT_CONSUMER_LOST if worker.bus.consumer_lost.is_set() and not stop.is_set() else 0

@@ -5,16 +5,27 @@ never delays acks (RabbitMQ production checklist). Both reconnect by themselves 
 their channels, QoS, topology and consumer; this object keeps strong references to all of them
 because aio-pika restores only what is still referenced.
 
+A consumer the broker cancels (its queue deleted; on RabbitMQ 4.3 a consumer timeout) is
+re-subscribed by aio-pika 10.2 itself (its README, "Consumer recovery"; aio-pika #334 is fixed
+there). :meth:`Bus.watch_consumer` checks that this really happened: a consumer still missing
+``bus.consumer_recovery_s`` after the cancel, while connected, sets :attr:`Bus.consumer_lost` so
+the worker exits non-zero and the platform restarts it, instead of idling silently.
+
 Topology (names from ``bus.yaml``)::
 
     request_queue  quorum, durable; x-dead-letter-exchange=dead_letter_exchange,
                    x-delivery-limit, at-least-once dead-lettering
-    dead_letter_exchange (fanout) -> dead_letter_queue (quorum, durable)
+    dead_letter_exchange (fanout) -> dead_letter_queue (quorum, durable, x-delivery-limit 10^6:
+                   browsing it requeues, and from 4.0 a quorum queue's default limit of 20
+                   would silently drop a dead letter after its 20th `dlq list`)
     results_exchange (topic): results of requests without reply_to, routing key = agent
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +40,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.errors import ConfigError
 from worker.messages import LLMResult
@@ -37,6 +49,8 @@ from worker.settings import BusSettings
 log = structlog.get_logger("worker.bus")
 
 PUBLISH_TIMEOUT_S = 30.0
+# Not -1 ("unlimited" from 4.0): RabbitMQ 3.10 drops a message at once under a negative limit.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 
@@ -49,6 +63,10 @@ def request_queue_arguments(settings: BusSettings) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    return {"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
 
 
 class Bus:
@@ -64,6 +82,8 @@ class Bus:
         self._results: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
         self._consumer_tag: str | None = None
+        self.consumer_lost = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -94,7 +114,7 @@ class Bus:
                 s.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
             )
             self.dead_letter_queue = await self._consume_ch.declare_queue(
-                s.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+                s.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
             )
             await self.dead_letter_queue.bind(s.dead_letter_exchange)
             self.request_queue = await self._consume_ch.declare_queue(
@@ -112,6 +132,7 @@ class Bus:
             ) from None
 
     async def close(self) -> None:
+        await self._stop_watchdog()
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None and not conn.is_closed:
                 await conn.close()
@@ -128,16 +149,81 @@ class Bus:
     async def start_consuming(self, handler: Handler) -> None:
         assert self.request_queue is not None
         self._consumer_tag = await self.request_queue.consume(handler, no_ack=False)
+        self._watchdog = asyncio.create_task(self.watch_consumer(), name="consumer-watchdog")
 
     async def stop_consuming(self) -> None:
         """Stop new deliveries; those already received stay ours to finish and ack."""
+        await self._stop_watchdog()
         if self.request_queue is not None and self._consumer_tag is not None:
-            await self.request_queue.cancel(self._consumer_tag)
-            self._consumer_tag = None
+            tag, self._consumer_tag = self._consumer_tag, None
+            try:
+                await self.request_queue.cancel(tag, timeout=PUBLISH_TIMEOUT_S)
+            except CONNECTION_EXCEPTIONS as exc:
+                # The channel is gone: the broker has stopped delivering to it anyway.
+                log.warning("consumer.cancel_failed", error=f"{type(exc).__name__}: {exc}")
 
     @property
     def consuming(self) -> bool:
         return self._consumer_tag is not None
+
+    async def consumer_registered(self) -> bool | None:
+        """Whether the broker delivers to our consumer now; None while disconnected (unknown)."""
+        channel = self._consume_ch
+        if self._consumer_tag is None or channel is None or not self.connected or channel.is_closed:
+            return None
+        try:
+            underlay = await asyncio.wait_for(channel.get_underlay_channel(), 1.0)
+        except CONNECTION_EXCEPTIONS:
+            return None
+        return self._consumer_tag in underlay.consumers
+
+    async def watch_consumer(self) -> None:
+        """Set :attr:`consumer_lost` when the consumer stays cancelled for ``consumer_recovery_s``."""
+        grace_s = self.settings.consumer_recovery_s
+        missing_since: float | None = None
+        while self._consumer_tag is not None:
+            await asyncio.sleep(min(5.0, grace_s / 4))
+            registered = await self.consumer_registered()
+            if registered is None:  # reconnecting: aio-pika restores the consumer with the channel
+                continue
+            if registered:
+                if missing_since is not None:
+                    log.info("consumer.restored", queue=self.settings.request_queue)
+                missing_since = None
+                continue
+            now = time.monotonic()
+            if missing_since is None:
+                missing_since = now
+                log.warning("consumer.missing", queue=self.settings.request_queue, grace_s=grace_s)
+            elif now - missing_since >= grace_s:
+                log.error(
+                    "consumer.lost",
+                    queue=self.settings.request_queue,
+                    missing_s=round(now - missing_since, 1),
+                    fix="the broker cancelled our consumer and re-subscribing keeps failing (queue "
+                    "deleted, redeclared with other arguments, or permissions changed?); exiting "
+                    "so that the platform restarts the worker",
+                )
+                self.consumer_lost.set()
+                return
+
+    async def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+
+    @staticmethod
+    async def give_back(message: AbstractIncomingMessage, *, reason: str) -> None:
+        """Requeue a delivery we will not finish (``nack``, which RabbitMQ 4.3 does not count
+        against the delivery limit); when the channel is gone the broker has requeued it already."""
+        if message.processed:
+            return
+        try:
+            await message.nack(requeue=True)
+        except CONNECTION_EXCEPTIONS as exc:
+            log.info("request.requeue_by_broker", reason=reason, error=type(exc).__name__)
 
     # -- publishing ----------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""``python -m worker`` (also ``llm-worker``): run a worker, ask one question, inspect budgets.
+"""``python -m worker`` (also ``llm-worker``): run a worker, ask one question, inspect budgets,
+inspect and replay dead letters.
 
 Configuration errors end the process with exit code 2 and one line naming the file and key.
 """
@@ -94,6 +95,90 @@ async def _budget_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _dlq_list(args: argparse.Namespace) -> int:
+    from worker.dlq import DeadLetters, table
+
+    settings = _settings(args)
+    async with DeadLetters.open(settings.bus) as dlq:
+        total = await dlq.count()
+        letters = await dlq.head(args.limit)
+    print(f"{settings.bus.dead_letter_queue}: {total} dead letter(s)")
+    if letters:
+        print("\n".join(table(letters)))
+    if total > len(letters):
+        print(f"(first {len(letters)} shown; --limit N shows more)")
+    return 0
+
+
+async def _dlq_show(args: argparse.Namespace) -> int:
+    from worker.dlq import DeadLetters, describe
+
+    settings = _settings(args)
+    async with DeadLetters.open(settings.bus) as dlq:
+        letters = await dlq.find(args.request_id)
+    if not letters:
+        print(f"no dead letter with request_id {args.request_id} in {settings.bus.dead_letter_queue}")
+        return 1
+    for i, letter in enumerate(letters):
+        if i:
+            print("-" * 72)
+        print("\n".join(describe(letter)))
+    return 0
+
+
+async def _dlq_replay(args: argparse.Namespace) -> int:
+    from worker.dlq import DeadLetters, table
+
+    settings = _settings(args)
+    async with DeadLetters.open(settings.bus) as dlq:
+        report = await dlq.replay(
+            reason=args.reason,
+            agent=args.agent,
+            limit=args.limit,
+            dry_run=args.dry_run,
+            max_replays=args.max_replays,
+        )
+    verb = "would replay" if report.dry_run else "replayed"
+    print(f"{verb} {len(report.replayed)} dead letter(s) to {settings.bus.request_queue}")
+    if report.replayed:
+        print("\n".join(table(report.replayed)))
+    if report.capped:
+        print(
+            f"left {len(report.capped)} in place: already replayed {args.max_replays} time(s) "
+            "(--max-replays N to allow more)"
+        )
+    for letter, error in report.failed:
+        print(f"not replayed (left in place): {letter.request_id}: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+async def _dlq_purge(args: argparse.Namespace) -> int:
+    from worker.dlq import DeadLetters
+
+    settings = _settings(args)
+    queue = settings.bus.dead_letter_queue
+    async with DeadLetters.open(settings.bus) as dlq:
+        total = await dlq.count()
+        if total == 0:
+            print(f"{queue} is empty")
+            return 0
+        question = f"Delete all {total} dead letter(s) in {queue}? This cannot be undone. [y/N] "
+        if not args.yes and not await asyncio.to_thread(_confirm, question):
+            print("nothing deleted (pass --yes to skip this question in scripts)")
+            return 1
+        purged = await dlq.purge()
+    print(f"deleted {purged} dead letter(s) from {queue}")
+    return 0
+
+
+def _confirm(question: str) -> bool:
+    try:
+        answer = input(question)
+    except EOFError:  # no terminal and nothing piped in: not a yes
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from worker.contract import check_schemas, write_schemas
 
@@ -153,11 +238,50 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--day", default=None, help="YYYY-MM-DD (default: today in the budget's timezone)")
     show.set_defaults(func=_async(_budget_show))
 
+    _add_dlq(sub)
+
     schemas = sub.add_parser("schemas", help="write the JSON Schema and AsyncAPI files")
     schemas.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "schemas"))
     schemas.add_argument("--check", action="store_true", help="exit 1 when the files differ from the models")
     schemas.set_defaults(func=cmd_schemas)
     return parser
+
+
+def _add_dlq(sub: Any) -> None:
+    from worker.dlq import DEFAULT_MAX_REPLAYS
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, purge")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = dlq_sub.add_parser("list", help="how many, and why (reason, agent, age, request_id)")
+    listing.add_argument("--limit", type=_positive, default=50, help="rows to show (default 50)")
+    listing.set_defaults(func=_async(_dlq_list))
+    show = dlq_sub.add_parser("show", help="headers, reason and body of one request's dead letters")
+    show.add_argument("request_id")
+    show.set_defaults(func=_async(_dlq_show))
+    replay = dlq_sub.add_parser(
+        "replay", help="republish to the request queue (confirmed), then remove from the DLQ"
+    )
+    replay.add_argument("--reason", default=None, help="only this reason (e.g. ServerError, delivery_limit)")
+    replay.add_argument("--agent", default=None, help="only this agent's requests")
+    replay.add_argument("--limit", type=_positive, default=None, help="at most N messages")
+    replay.add_argument("--dry-run", action="store_true", help="show what would be replayed; change nothing")
+    replay.add_argument(
+        "--max-replays",
+        type=_positive,
+        default=DEFAULT_MAX_REPLAYS,
+        help=f"skip messages already replayed this many times (default {DEFAULT_MAX_REPLAYS})",
+    )
+    replay.set_defaults(func=_async(_dlq_replay))
+    purge = dlq_sub.add_parser("purge", help="delete every dead letter (asks first)")
+    purge.add_argument("--yes", action="store_true", help="do not ask (for scripts)")
+    purge.set_defaults(func=_async(_dlq_purge))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -309,7 +309,7 @@ def _request_id_from(text: str) -> str | None:
 
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's JSON decoder goes
         return None
     value = data.get("request_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) and 0 < len(value) <= 128 else None

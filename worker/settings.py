@@ -137,6 +137,11 @@ class BusSettings(BaseModel):
     delivery_limit: int = Field(gt=0, description="Deliveries before the broker dead-letters a message.")
     heartbeat_s: int = Field(default=30, gt=0)
     drain_timeout_s: float = Field(default=30, gt=0)
+    consumer_recovery_s: float = Field(
+        default=60,
+        gt=0,
+        description="Seconds the consumer may stay cancelled while connected before the worker exits 1.",
+    )
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
 

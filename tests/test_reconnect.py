@@ -1,0 +1,223 @@
+"""Outages (issue #6): the worker rides out a RabbitMQ restart, a dropped connection, a consumer
+the broker cancels, and a Redis restart, by itself and without losing a request.
+
+The shared services must never go down, so these tests start private ones (tests/services.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import aio_pika
+import pytest
+
+from tests.conftest import WorkerProcess, llm_section, write_config
+from tests.helpers import queue_depth, raw_peer, request_body
+from tests.ops import day_state, eventually
+from tests.services import PrivateRabbit, PrivateRedis
+from worker.app import running_worker
+from worker.dlq import DeadLetters
+from worker.messages import LLMResult, Status
+from worker.settings import load_settings
+
+FAST_RECONNECT = "?reconnect_interval=1"  # aio-pika's default is 5 s
+
+
+@pytest.fixture(scope="module")
+def rabbit() -> Iterator[PrivateRabbit]:
+    node = PrivateRabbit()
+    asyncio.run(node.start())
+    yield node
+    asyncio.run(node.destroy())
+
+
+@pytest.fixture
+def private_config(tmp_path, names, redis_url, fake):
+    def build(amqp_url: str, redis: str | None = None, bus=None, **llm):
+        return write_config(tmp_path / uuid.uuid4().hex[:6], names, amqp_url, redis or redis_url,
+                            llm_section(fake.base_url, **llm), bus)  # fmt: skip
+
+    return build
+
+
+class ReplyInbox:
+    """A durable reply queue on the private broker, read over a robust connection: replies
+    published before a broker restart are still there after it."""
+
+    def __init__(self, url: str, request_queue: str):
+        self.url, self.request_queue = url, request_queue
+        self.name = f"t.replies.{uuid.uuid4().hex[:8]}"
+        self.results: dict[str, LLMResult] = {}
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+
+    async def __aenter__(self) -> ReplyInbox:
+        self._connection = await aio_pika.connect_robust(self.url + FAST_RECONNECT)
+        channel = await self._connection.channel()
+        self._queue = await channel.declare_queue(self.name, durable=True)
+        await self._queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._connection is not None
+        await self._connection.close()
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.results[message.correlation_id or ""] = LLMResult.model_validate_json(message.body)
+
+    async def publish(self, bodies: list[dict]) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for body in bodies:
+                await channel.default_exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(body).encode(),
+                        correlation_id=body["request_id"],
+                        reply_to=self.name,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    ),
+                    routing_key=self.request_queue,
+                )
+
+
+async def test_rabbitmq_restarted_under_load_resumes_and_answers_every_request(
+    rabbit, private_config, names, fake
+):
+    fake.latency_s = 0.3
+    folder = private_config(rabbit.url + FAST_RECONNECT, bus={"prefetch": 8}, deadline_s=60, timeout=10)
+    settings = load_settings(folder, environ={})
+    bodies = [request_body(f"through the restart {i}", use_cache=False) for i in range(60)]
+    async with running_worker(settings) as worker, ReplyInbox(rabbit.url, names.request_queue) as inbox:
+        await inbox.publish(bodies)
+        await eventually(lambda: len(inbox.results) >= 10, what="the first answers")
+        in_flight = len(worker.in_flight)
+        await rabbit.restart()
+        await eventually(lambda: len(inbox.results) == 60, timeout_s=90, what="every request answered")
+        assert worker.bus.connected and worker.bus.consuming
+
+    assert in_flight > 0, "the restart did not come under load"
+    assert {r.status for r in inbox.results.values()} == {Status.ok}
+    assert fake.total_calls() == 60  # calls cut off by the restart were answered from the store
+    state = await day_state(settings)
+    assert state.calls == 60 and state.reserved_usd == 0
+
+
+async def test_a_dropped_connection_is_reestablished(rabbit, private_config, names, fake):
+    settings = load_settings(private_config(rabbit.url + FAST_RECONNECT), environ={})
+    async with running_worker(settings) as worker:
+        await asyncio.to_thread(rabbit.ctl, "close_all_connections", "test: network blip")
+        await eventually(lambda: not worker.bus.connected, what="the worker to notice")
+        await eventually(
+            lambda: _connected_and_consuming(worker, rabbit.url, names.request_queue),
+            what="the worker back on the queue",
+        )
+        async with raw_peer(rabbit.url, names.request_queue) as peer:
+            await peer.publish(request_body("still there?"))
+            [reply] = await peer.wait_replies(1)
+    assert LLMResult.model_validate_json(reply.body).status is Status.ok
+
+
+async def _connected_and_consuming(worker, url: str, queue: str) -> bool:
+    return worker.bus.connected and await _consumers(url, queue)
+
+
+async def _consumers(url: str, queue: str) -> bool:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            q = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return (q.declaration_result.consumer_count or 0) >= 1
+
+
+async def test_a_consumer_cancelled_by_the_broker_is_resubscribed(
+    make_settings, start_worker, amqp_url, names
+):
+    """Deleting the queue makes the broker send basic.cancel (RabbitMQ 4.3's consumer timeout
+    does the same); aio-pika 10.2 re-declares the queue and consumes again."""
+    async with start_worker(make_settings()) as worker:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(names.request_queue)
+        await eventually(lambda: _consumers(amqp_url, names.request_queue), what="the consumer back")
+        async with raw_peer(amqp_url, names.request_queue) as peer:
+            await peer.publish(request_body("after the cancel"))
+            [reply] = await peer.wait_replies(1)
+        assert not worker.bus.consumer_lost.is_set()
+    assert LLMResult.model_validate_json(reply.body).status is Status.ok
+
+
+async def test_a_consumer_that_cannot_be_restored_makes_the_worker_exit_1(
+    rabbit, private_config, names, worker_processes
+):
+    """The request queue is deleted and the worker may no longer declare it (its user lost the
+    configure permission), so aio-pika's re-subscription keeps failing. Idling silently would
+    look healthy; the worker exits 1 after ``consumer_recovery_s`` so the platform restarts it."""
+    folder = private_config(rabbit.url, bus={"consumer_recovery_s": 2})
+    worker = await WorkerProcess(folder, env={"AMQP_URL": rabbit.url + FAST_RECONNECT}).start()
+    worker_processes.append(worker)
+    admin = f"admin{uuid.uuid4().hex[:6]}"
+    ctl = rabbit.ctl
+    try:
+        for args in (("add_user", admin, "pw"), ("set_user_tags", admin, "administrator"),
+                     ("set_permissions", "-p", "/", admin, ".*", ".*", ".*"),
+                     ("set_permissions", "-p", "/", "guest", "^$", ".*", ".*")):  # fmt: skip
+            await asyncio.to_thread(ctl, *args)
+        connection = await aio_pika.connect(f"amqp://{admin}:pw@127.0.0.1:{rabbit.port}/")
+        async with connection:
+            await (await connection.channel()).queue_delete(names.request_queue)
+        assert await worker.wait(timeout_s=30) == 1
+    finally:
+        await asyncio.to_thread(ctl, "set_permissions", "-p", "/", "guest", ".*", ".*", ".*")
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            await asyncio.to_thread(ctl, "delete_user", admin)
+    [lost] = worker.events("consumer.lost")
+    assert lost["queue"] == names.request_queue and "restarts the worker" in lost["fix"]
+    assert worker.events("consumer.missing")
+
+
+async def test_a_redis_restart_fails_requests_meanwhile_to_the_dlq_and_service_resumes_by_itself(
+    private_config, amqp_url, names, fake
+):
+    redis = await PrivateRedis().start()
+    try:
+        settings = load_settings(private_config(amqp_url, redis=redis.url), environ={})
+        async with running_worker(settings), raw_peer(amqp_url, names.request_queue) as peer:
+            await peer.publish(request_body("before"))
+            await peer.wait_replies(1)
+
+            await redis.stop()
+            during = request_body("during the outage", use_cache=False)
+            await peer.publish(during)
+            await peer.wait_replies(2)
+
+            await redis.start()
+            await peer.publish(request_body("after"))
+            await peer.wait_replies(3)
+            before, outage, after = [LLMResult.model_validate_json(m.body) for m in peer.replies]
+            assert before.status is Status.ok and after.status is Status.ok
+            assert outage.status is Status.failed and outage.error is not None
+            assert outage.error.type == "LedgerUnavailable" and outage.error.retryable  # fails closed
+
+            # Nothing is lost: the failed request waits in the DLQ, and a replay answers it.
+            await eventually(lambda: _depth(amqp_url, names.dead_letter_queue, 1), what="it is dead-lettered")
+            async with DeadLetters.open(settings.bus) as dlq:
+                report = await dlq.replay(reason="LedgerUnavailable")
+            assert [d.request_id for d in report.replayed] == [during["request_id"]]
+            await peer.wait_replies(4)
+        replayed = LLMResult.model_validate_json(peer.replies[3].body)
+        assert replayed.status is Status.ok and replayed.request_id == during["request_id"]
+    finally:
+        await redis.stop()
+
+
+async def _depth(url: str, queue: str, count: int) -> bool:
+    return await queue_depth(url, queue) == count
