@@ -30,7 +30,7 @@ MAX_BODY = 8192
 @pytest.fixture(scope="module")
 def parser() -> Pipeline:
     # parse() reads nothing but the limits; the collaborators are never touched.
-    return Pipeline(None, None, None, None, None, PipelineLimits(10, 60, MAX_BODY))  # type: ignore[arg-type]
+    return Pipeline(None, None, None, None, PipelineLimits(10, 60, MAX_BODY))  # type: ignore[arg-type]
 
 
 def check_parsed(parsed: LLMRequest | Outcome) -> str | None:

@@ -85,7 +85,7 @@ class ProviderFake:
     async def start(self) -> ProviderFake:
         app = web.Application()
         app.add_routes(self.routes())
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

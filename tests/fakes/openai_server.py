@@ -77,7 +77,8 @@ class FakeOpenAI:
         return app
 
     async def start(self, port: int = 0) -> FakeOpenAI:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        # handler_cancellation: a hung answer ends when its client leaves, not after 60 s at stop
+        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=4096)
         await site.start()
