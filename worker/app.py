@@ -21,16 +21,23 @@ import redis.asyncio as aioredis
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from worker import tracing
 from worker.bus import Bus
 from worker.cache import ResponseCache
 from worker.flight import Heartbeat, SingleFlight
 from worker.ledger import BudgetLedger
 from worker.llm import LLM
+from worker.observe import Metrics, ObserveServer, payload_fields
 from worker.pipeline import Delivery, Outcome, Pipeline, PipelineLimits
 from worker.results import ResultStore
 from worker.settings import Settings, redact_url
 
 log = structlog.get_logger("worker.app")
+
+
+def _trace_headers(trace_id: str | None) -> dict[str, str]:
+    span = tracing.current()
+    return span.reply_headers(trace_id) if span is not None else {}
 
 
 def new_worker_id() -> str:
@@ -51,10 +58,20 @@ def make_redis(settings: Settings) -> aioredis.Redis:
 class Worker:
     """Consumes requests, runs each through the pipeline, replies, dead-letters, acks."""
 
-    def __init__(self, settings: Settings, *, bus: Bus, pipeline: Pipeline, worker_id: str):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: Bus,
+        pipeline: Pipeline,
+        worker_id: str,
+        metrics: Metrics | None = None,
+    ):
         self.settings, self.bus, self.pipeline, self.worker_id = settings, bus, pipeline, worker_id
+        self.metrics = metrics or Metrics()
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.handled = 0
+        self.http_port: int | None = None  # of /metrics, /livez, /readyz
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -66,11 +83,17 @@ class Worker:
             self.in_flight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        # This task's trace context and log context (the pipeline binds the request's ids).
+        span = tracing.receive(message.headers)
+        structlog.contextvars.clear_contextvars()
+        if span.incoming is not None:
+            structlog.contextvars.bind_contextvars(trace_id=span.incoming.trace_id)
         delivery = Delivery(
             body=message.body,
             correlation_id=message.correlation_id,
             message_id=message.message_id,
             redelivered=bool(message.redelivered),
+            trace_parent=span.incoming,
         )
         try:
             outcome = await self.pipeline.handle(delivery)
@@ -78,6 +101,7 @@ class Worker:
             log.exception("request.crashed", message_id=message.message_id, redelivered=message.redelivered)
             await message.reject(requeue=True)
             return
+        self.metrics.observe(outcome)
         # Reply, dead-letter and ack must all happen or none: shield them from cancellation.
         await asyncio.shield(self._finish(message, outcome))
 
@@ -88,10 +112,11 @@ class Worker:
                 result,
                 reply_to=message.reply_to,
                 correlation_id=message.correlation_id,
-                headers={"x-worker-id": self.worker_id},
+                headers={"x-worker-id": self.worker_id, **_trace_headers(result.trace_id)},
             )
             if outcome.dead_letter:
                 await self.bus.dead_letter(message, self._reason(outcome, message))
+                self.metrics.dead_lettered.labels(outcome.reason or "unknown").inc()
             await message.ack()
         except Exception as exc:  # noqa: BLE001 - broker trouble: leave unacked, the broker redelivers
             log.warning(
@@ -115,9 +140,17 @@ class Worker:
             cost_usd=result.cost_usd,
             cached=result.cached,
             latency_ms=result.latency_ms,
+            provider_latency_ms=round(outcome.provider_latency_ms, 3),
             reply=delivered,
             dead_lettered=outcome.dead_letter,
+            duplicate=bool(outcome.extra.get("duplicate")),
+            budget_scope=outcome.extra.get("scope"),
             error=result.error.type if result.error else None,
+            **(
+                payload_fields(message.body, result)
+                if self.settings.observe.log_prompts_and_responses
+                else {}
+            ),
         )
 
     def _reason(self, outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -148,8 +181,12 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
     """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order."""
     worker_id = worker_id or new_worker_id()
     started = time.monotonic()
-    llm = LLM.build(settings.llm)
+    metrics = Metrics(agents={*settings.llm.agent_models, *settings.llm.budget.max_cost_per_agent_day})
+    llm = LLM.build(settings.llm, events=metrics)
     async with contextlib.AsyncExitStack() as stack:
+        http = ObserveServer(metrics)
+        http_port = await http.start(settings.observe.host, settings.observe.port)
+        stack.push_async_callback(http.stop)
         redis = make_redis(settings)
         stack.push_async_callback(redis.aclose)
         prefix = settings.redis.key_prefix
@@ -177,7 +214,11 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         bus = Bus(settings.bus, name=f"llm-worker:{worker_id}")
         await bus.connect()
         stack.push_async_callback(bus.close)
-        worker = Worker(settings, bus=bus, pipeline=pipeline, worker_id=worker_id)
+        worker = Worker(settings, bus=bus, pipeline=pipeline, worker_id=worker_id, metrics=metrics)
+        worker.http_port = http_port
+        metrics.in_flight.set_function(lambda: len(worker.in_flight))
+        http.ready = lambda: {"connected": bus.connected, "consuming": bus.consuming}
+        http.before_scrape = lambda: metrics.read_ledger(ledger)
         await bus.start_consuming(worker.on_message)
         log.info(
             "worker.ready",
@@ -191,6 +232,8 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
             broker=redact_url(settings.bus.url.get_secret_value()),
             redis=redact_url(settings.redis.url.get_secret_value()),
             models=sorted(settings.llm.model_names),
+            http=f"http://{settings.observe.host}:{http_port}/metrics",
+            http_port=http_port,
             startup_s=round(time.monotonic() - started, 3),
         )
         try:
