@@ -35,11 +35,6 @@ from worker.settings import Settings, redact_url
 log = structlog.get_logger("worker.app")
 
 
-def _trace_headers(trace_id: str | None) -> dict[str, str]:
-    span = tracing.current()
-    return span.reply_headers(trace_id) if span is not None else {}
-
-
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -112,7 +107,7 @@ class Worker:
                 result,
                 reply_to=message.reply_to,
                 correlation_id=message.correlation_id,
-                headers={"x-worker-id": self.worker_id, **_trace_headers(result.trace_id)},
+                headers={"x-worker-id": self.worker_id, **tracing.reply_headers(result.trace_id)},
             )
             if outcome.dead_letter:
                 await self.bus.dead_letter(message, self._reason(outcome, message))
@@ -146,11 +141,7 @@ class Worker:
             duplicate=bool(outcome.extra.get("duplicate")),
             budget_scope=outcome.extra.get("scope"),
             error=result.error.type if result.error else None,
-            **(
-                payload_fields(message.body, result)
-                if self.settings.observe.log_prompts_and_responses
-                else {}
-            ),
+            **payload_fields(message.body, result, enabled=self.settings.observe.log_prompts_and_responses),
         )
 
     def _reason(self, outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:

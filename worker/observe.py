@@ -137,8 +137,10 @@ def configure_logging(*, json: bool | None = None, level: str = "info", secrets:
     root.setLevel(logging.WARNING)
 
 
-def payload_fields(body: bytes, result: LLMResult) -> dict[str, Any]:
-    """The prompt and the answer, for ``request.done`` when logging them is switched on."""
+def payload_fields(body: bytes, result: LLMResult, *, enabled: bool) -> dict[str, Any]:
+    """The prompt and the answer for ``request.done``; nothing unless logging them is ``enabled``."""
+    if not enabled:
+        return {}
     try:
         data = json.loads(body)
     except ValueError:

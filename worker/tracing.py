@@ -122,6 +122,12 @@ def current() -> ServerSpan | None:
     return _current.get()
 
 
+def reply_headers(trace_id: str | None) -> dict[str, str]:
+    """The trace headers for the reply to the message this task is handling."""
+    span = current()
+    return span.reply_headers(trace_id) if span is not None else {}
+
+
 # -- OpenTelemetry, when installed -------------------------------------------------------------
 
 
