@@ -5,8 +5,9 @@ headers gets its trace continued by the worker: a request without its own ``trac
 header's trace id, the result's ``trace_id`` is that trace id, and the reply carries a
 ``traceparent`` with the same trace id and the worker's span id (https://www.w3.org/TR/trace-context/).
 
-OpenTelemetry is optional (the ``otel`` extra) and imported lazily, on first use: without it the
-worker runs unchanged. With it, each provider attempt is a span (``chat <model>``, kind CLIENT,
+OpenTelemetry is optional (the ``otel`` extra) and imported lazily, on first use: without it, or
+without a tracer provider configured, the worker runs unchanged and pays nothing for spans. With
+one, each provider attempt is a span (``chat <model>``, kind CLIENT,
 GenAI semantic-convention attributes) whose parent is the agent's span, so the LLM calls appear
 inside the agent's trace. Spans never record exception texts: a provider's error may echo a key.
 
@@ -170,8 +171,8 @@ class ProviderSpan:
 def provider_span(trace_id: str, *, model: str, attempt: int) -> Iterator[ProviderSpan]:
     """A CLIENT span around one provider call, below the caller's span in trace ``trace_id``."""
     trace = _otel()
-    if trace is None:
-        yield ProviderSpan()
+    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        yield ProviderSpan()  # not installed, or no SDK configured: spans would go nowhere
         return
     server = current() or ServerSpan(None)
     parent = server.parent_for(trace_id)
