@@ -578,19 +578,28 @@ def test_traceparent_parsing_follows_the_w3c_rules(value, parsed):
 # -- OpenTelemetry ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def otel_spans():
-    """An SDK tracer provider with an in-memory exporter (set once: OTel allows one per process)."""
+    """An SDK tracer provider with an in-memory exporter, for this test only.
+
+    OpenTelemetry lets a process set its provider once; the reset afterwards is what its own
+    test utilities do (opentelemetry-test-utils ``reset_trace_globals``), so that later tests
+    run without an SDK, as a worker without the ``otel`` extra does.
+    """
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.util._once import Once
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    return exporter
+    yield exporter
+    provider.shutdown()
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
 
 
 async def test_provider_attempts_are_spans_in_the_agents_trace(
@@ -598,7 +607,6 @@ async def test_provider_attempts_are_spans_in_the_agents_trace(
 ):
     from opentelemetry.trace import StatusCode
 
-    otel_spans.clear()
     settings = make_settings(models=[deployment("primary", "flaky1", fake.base_url)])
     async with start_worker(settings), raw_peer(amqp_url, names.request_queue) as peer:
         await peer.publish(
