@@ -199,6 +199,7 @@ def write_config(
     redis_url: str,
     llm: dict[str, Any],
     bus: dict[str, Any] | None = None,
+    observe: dict[str, Any] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "llm.yaml").write_text(yaml.safe_dump({"llm": llm}))
@@ -233,15 +234,20 @@ def write_config(
             }
         )
     )
+    (folder / "observe.yaml").write_text(
+        yaml.safe_dump({"observe": {"host": "127.0.0.1", "port": 0, **(observe or {})}})
+    )
     return folder
 
 
 @pytest.fixture
 def make_settings(tmp_path: Path, names: Names, amqp_url: str, redis_url: str, fake: FakeOpenAI):
-    """``make_settings(**llm_overrides, bus={...})`` -> Settings loaded from real YAML files."""
+    """``make_settings(**llm_overrides, bus={...}, observe={...})`` -> Settings from real YAML files."""
     counter = iter(range(1000))
 
-    def build(bus: dict[str, Any] | None = None, **overrides: Any) -> Settings:
+    def build(
+        bus: dict[str, Any] | None = None, observe: dict[str, Any] | None = None, **overrides: Any
+    ) -> Settings:
         folder = write_config(
             tmp_path / f"config{next(counter)}",
             names,
@@ -249,6 +255,7 @@ def make_settings(tmp_path: Path, names: Names, amqp_url: str, redis_url: str, f
             redis_url,
             llm_section(fake.base_url, **overrides),
             bus,
+            observe,
         )
         return load_settings(folder, environ={})
 
@@ -281,6 +288,7 @@ class WorkerProcess:
             **inherited,
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "PYTHONUNBUFFERED": "1",
+            "OBSERVE_PORT": "0",  # replicas and copies of config/ must not fight over one port
             **(env or {}),
         }
         self.proc: asyncio.subprocess.Process | None = None

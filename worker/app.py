@@ -25,12 +25,14 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from worker import tracing
 from worker.bus import PUBLISH_TIMEOUT_S, Bus
 from worker.cache import ResponseCache
 from worker.dlq import peek_request
 from worker.flight import Heartbeat, SingleFlight
 from worker.ledger import BudgetLedger
 from worker.llm import LLM
+from worker.observe import Metrics, ObserveServer, payload_fields
 from worker.pipeline import Delivery, Outcome, Pipeline, PipelineLimits
 from worker.results import ResultStore
 from worker.settings import Settings, redact_url
@@ -72,12 +74,22 @@ class Worker:
     the deadline passes are allowed to finish (their publish has its own timeout).
     """
 
-    def __init__(self, settings: Settings, *, bus: Bus, pipeline: Pipeline, worker_id: str):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: Bus,
+        pipeline: Pipeline,
+        worker_id: str,
+        metrics: Metrics | None = None,
+    ):
         self.settings, self.bus, self.pipeline, self.worker_id = settings, bus, pipeline, worker_id
+        self.metrics = metrics or Metrics()
         self.in_flight: set[asyncio.Task[Any]] = set()  # running the pipeline
         self.finishing: set[asyncio.Future[None]] = set()  # publishing, dead-lettering, acking
         self.stopping = False
         self.handled = 0
+        self.http_port: int | None = None  # of /metrics, /livez, /readyz
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         if self.stopping:  # delivered after the stop: not started, so back to the queue
@@ -111,17 +123,25 @@ class Worker:
         await asyncio.shield(finish)
 
     async def _outcome(self, message: AbstractIncomingMessage) -> Outcome | None:
+        # This task's trace context and log context (the pipeline binds the request's ids).
+        span = tracing.receive(message.headers)
+        structlog.contextvars.clear_contextvars()
+        if span.incoming is not None:
+            structlog.contextvars.bind_contextvars(trace_id=span.incoming.trace_id)
         delivery = Delivery(
             body=message.body,
             correlation_id=message.correlation_id,
             message_id=message.message_id,
             redelivered=bool(message.redelivered),
+            trace_parent=span.incoming,
         )
         try:
-            return await self.pipeline.handle(delivery)
+            outcome = await self.pipeline.handle(delivery)
         except Exception as exc:  # noqa: BLE001 - any bug: logged with its traceback in _crashed
             await self._crashed(message, exc)
             return None
+        self.metrics.observe(outcome)
+        return outcome
 
     async def _crashed(self, message: AbstractIncomingMessage, exc: Exception) -> None:
         """A bug or an unforeseen error: requeue (it may be transient) until the last delivery the
@@ -163,10 +183,11 @@ class Worker:
                 result,
                 reply_to=message.reply_to,
                 correlation_id=message.correlation_id,
-                headers={"x-worker-id": self.worker_id},
+                headers={"x-worker-id": self.worker_id, **tracing.reply_headers(result.trace_id)},
             )
             if outcome.dead_letter:
                 await self.bus.dead_letter(message, self._reason(outcome, message))
+                self.metrics.dead_lettered.labels(outcome.reason or "unknown").inc()
             await message.ack()
         except Exception as exc:  # noqa: BLE001 - broker trouble: requeue; a redelivery is answered again
             log.warning(
@@ -191,9 +212,13 @@ class Worker:
             cost_usd=result.cost_usd,
             cached=result.cached,
             latency_ms=result.latency_ms,
+            provider_latency_ms=round(outcome.provider_latency_ms, 3),
             reply=delivered,
             dead_lettered=outcome.dead_letter,
+            duplicate=bool(outcome.extra.get("duplicate")),
+            budget_scope=outcome.extra.get("scope"),
             error=result.error.type if result.error else None,
+            **payload_fields(message.body, result, enabled=self.settings.observe.log_prompts_and_responses),
         )
 
     def _reason(self, outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:
@@ -274,9 +299,13 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
     """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order."""
     worker_id = worker_id or new_worker_id()
     started = time.monotonic()
-    llm = LLM.build(settings.llm)
+    metrics = Metrics(agents={*settings.llm.agent_models, *settings.llm.budget.max_cost_per_agent_day})
+    llm = LLM.build(settings.llm, events=metrics)
     await llm.warm_up()
     async with contextlib.AsyncExitStack() as stack:
+        http = ObserveServer(metrics)
+        http_port = await http.start(settings.observe.host, settings.observe.port)
+        stack.push_async_callback(http.stop)
         redis = make_redis(settings)
         stack.push_async_callback(redis.aclose)
         prefix = settings.redis.key_prefix
@@ -291,7 +320,11 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         bus = Bus(settings.bus, name=f"llm-worker:{worker_id}")
         await bus.connect()
         stack.push_async_callback(bus.close)
-        worker = Worker(settings, bus=bus, pipeline=pipeline, worker_id=worker_id)
+        worker = Worker(settings, bus=bus, pipeline=pipeline, worker_id=worker_id, metrics=metrics)
+        worker.http_port = http_port
+        metrics.in_flight.set_function(lambda: len(worker.in_flight))
+        http.ready = lambda: {"connected": bus.connected, "consuming": bus.consuming}
+        http.before_scrape = lambda: metrics.read_ledger(pipeline.ledger)
         await bus.start_consuming(worker.on_message)
         log.info(
             "worker.ready",
@@ -305,6 +338,8 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
             broker=redact_url(settings.bus.url.get_secret_value()),
             redis=redact_url(settings.redis.url.get_secret_value()),
             models=sorted(settings.llm.model_names),
+            http=f"http://{settings.observe.host}:{http_port}/metrics",
+            http_port=http_port,
             startup_s=round(time.monotonic() - started, 3),
         )
         try:

@@ -48,8 +48,6 @@ class ResponseCache:
         self.flight, self.redis, self.prefix = flight, flight.redis, prefix
         self.default_ttl_s, self.namespace = default_ttl_s, namespace
         self.errors = 0
-        self.hits = 0
-        self.misses = 0
 
     def ttl_s(self, request: LLMRequest) -> int:
         """0 means: do not use the cache for this request."""

@@ -24,10 +24,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from worker.app import serve
-    from worker.observe import configure_logging
+    from worker.observe import configure_logging, known_secrets
 
     settings = _settings(args)
-    configure_logging(json=args.json_logs, level=args.log_level)
+    configure_logging(json=args.json_logs, level=args.log_level, secrets=known_secrets(settings))
     return asyncio.run(serve(settings))
 
 

@@ -7,7 +7,9 @@
         print(result.content, result.model, result.tokens.total, result.cost_usd, result.trace_id)
 
 One connection, one exclusive reply queue, any number of concurrent calls: replies are matched
-to calls by ``correlation_id``. This module imports neither litellm nor redis.
+to calls by ``correlation_id``. Each request carries a W3C ``traceparent`` header (the agent's
+current OpenTelemetry span when it has one), so the worker continues the agent's trace. This
+module imports neither litellm nor redis.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
+from worker import tracing
 from worker.messages import ChatMessage, LLMRequest, LLMResult, Role
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -55,6 +58,14 @@ def _messages(messages: str | Sequence[ChatMessage | dict[str, Any]]) -> list[Ch
     if isinstance(messages, str):
         return [ChatMessage(role=Role.user, content=messages)]
     return [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+
+
+def _trace_headers(trace_id: str) -> dict[str, str]:
+    """``traceparent`` for a request: the agent's current span as parent when it is in this trace."""
+    parent = tracing.client_parent()
+    if parent is None or parent.trace_id != trace_id:
+        parent = tracing.TraceParent(trace_id, tracing.new_span_id())
+    return {tracing.HEADER: parent.header()}
 
 
 class LLMClient:
@@ -119,7 +130,8 @@ class LLMClient:
 
         ``timeout_s`` also becomes the request's ``deadline`` (the client waits ``REPLY_GRACE_S``
         longer for the worker's answer at that deadline): a worker that picks it up later
-        answers ``expired`` instead of paying for an answer nobody waits for.
+        answers ``expired`` instead of paying for an answer nobody waits for. Without
+        ``trace_id``, the request joins the agent's current OpenTelemetry trace, if any.
         """
         timeout_s = timeout_s if timeout_s is not None else self.default_timeout_s
         fields: dict[str, Any] = {
@@ -134,6 +146,8 @@ class LLMClient:
             "cache_ttl": cache_ttl,
             "deadline": datetime.now(UTC) + timedelta(seconds=timeout_s),
         }
+        if trace_id is None and (parent := tracing.client_parent()) is not None:
+            trace_id = parent.trace_id
         if trace_id is not None:
             fields["trace_id"] = trace_id
         return await self.send(LLMRequest(**fields), timeout_s=timeout_s + REPLY_GRACE_S)
@@ -141,7 +155,11 @@ class LLMClient:
     async def send(
         self, request: LLMRequest, *, timeout_s: float | None = None, headers: dict[str, Any] | None = None
     ) -> LLMResult:
-        """Publish a prepared request (with confirm) and wait for its result."""
+        """Publish a prepared request (with confirm) and wait for its result.
+
+        A ``traceparent`` header naming the request's ``trace_id`` is added unless ``headers``
+        has one.
+        """
         if self._channel is None:
             raise LLMClientError("use LLMClient as 'async with LLMClient(url) as llm:'")
         timeout_s = timeout_s if timeout_s is not None else self.default_timeout_s
@@ -157,7 +175,7 @@ class LLMClient:
                     message_id=request.request_id,
                     reply_to=self._reply_queue_name,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    headers=headers or {},
+                    headers={**_trace_headers(request.trace_id), **(headers or {})},
                 ),
                 routing_key=self.request_queue,
                 timeout=timeout_s,

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 # Before litellm's import: otherwise it fetches its price map from the network at import.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -31,6 +31,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm
 import structlog
 
+from worker import tracing
 from worker.errors import ConfigError, InvalidRequest, ProviderError, from_litellm
 from worker.messages import LLMRequest
 from worker.settings import LLMSettings, resolve_secrets
@@ -74,6 +75,22 @@ class Completion:
     provider_latency_ms: float
 
 
+class LLMEvents(Protocol):
+    """Told of retries and fallbacks as they happen (``observe.Metrics`` counts them)."""
+
+    def retry(self, model: str, error: str) -> None: ...
+
+    def fallback(self, from_model: str, to_model: str, error: str) -> None: ...
+
+
+class _NoEvents:
+    def retry(self, model: str, error: str) -> None:
+        pass
+
+    def fallback(self, from_model: str, to_model: str, error: str) -> None:
+        pass
+
+
 @dataclass
 class _Attempts:
     count: int = 0
@@ -84,10 +101,18 @@ class _Attempts:
 class LLM:
     """Chooses the model for a request and calls it within the request's deadline."""
 
-    def __init__(self, settings: LLMSettings, router: litellm.Router, *, sleep: Any = asyncio.sleep):
+    def __init__(
+        self,
+        settings: LLMSettings,
+        router: litellm.Router,
+        *,
+        sleep: Any = asyncio.sleep,
+        events: LLMEvents | None = None,
+    ):
         self.settings = settings
         self.router = router
         self._sleep = sleep
+        self.events: LLMEvents = events or _NoEvents()
         self._prices = {
             f"{d.model_name}#{i}": Price(
                 d.model_info.input_cost_per_token, d.model_info.output_cost_per_token
@@ -106,7 +131,12 @@ class LLM:
 
     @classmethod
     def build(
-        cls, settings: LLMSettings, environ: Mapping[str, str] = os.environ, **router_kwargs: Any
+        cls,
+        settings: LLMSettings,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        events: LLMEvents | None = None,
+        **router_kwargs: Any,
     ) -> LLM:
         """Build the Router from ``settings.models``; raise :class:`ConfigError` on a bad deployment."""
         configure_litellm()
@@ -143,7 +173,7 @@ class LLM:
             timeout=settings.timeout,
             **{"allowed_fails": 3, "cooldown_time": 30, **router_kwargs},
         )
-        return cls(settings, router)
+        return cls(settings, router, events=events)
 
     async def warm_up(self) -> None:
         """Pay litellm's first-call costs before consuming: lazy imports, tokenizer loads.
@@ -200,7 +230,7 @@ class LLM:
             if group in tried:
                 continue
             tried.append(group)
-            response = await self._try_group(group, kwargs, deadline, attempts)
+            response = await self._try_group(group, kwargs, deadline, attempts, request.trace_id)
             if response is not None:
                 return self._completion(response, group, model, attempts)
             error = attempts.last_error
@@ -214,6 +244,7 @@ class LLM:
             plan.extendleft(reversed(special.get(group, [])))
             if plan:
                 log.info("llm.fallback", from_model=group, to_model=plan[0], error=error.kind)
+                self.events.fallback(group, plan[0], error.kind)
         error = attempts.last_error
         assert error is not None
         error.attempts, error.model = attempts.count, tried[-1] if tried else model
@@ -228,7 +259,7 @@ class LLM:
         }
 
     async def _try_group(
-        self, group: str, kwargs: dict[str, Any], deadline: float, attempts: _Attempts
+        self, group: str, kwargs: dict[str, Any], deadline: float, attempts: _Attempts, trace_id: str
     ) -> Any | None:
         """Up to ``1 + num_retries`` attempts on one model group; None when it gave up."""
         for retry in range(self.settings.num_retries + 1):
@@ -239,18 +270,26 @@ class LLM:
             attempts.count += 1
             started = time.monotonic()
             bound = asyncio.timeout(remaining)
-            try:
-                async with bound:
-                    return await self.router.acompletion(
-                        model=group, timeout=min(self.settings.timeout, remaining), num_retries=0, **kwargs
-                    )
-            except Exception as exc:  # noqa: BLE001 - every provider failure is translated, once, here
-                if bound.expired():
-                    attempts.last_error = _deadline_error(attempts.last_error)
-                    return None
-                error = from_litellm(exc)
-            finally:
-                attempts.provider_ms += (time.monotonic() - started) * 1000
+            with tracing.provider_span(trace_id, model=group, attempt=attempts.count) as span:
+                try:
+                    async with bound:
+                        response = await self.router.acompletion(
+                            model=group,
+                            timeout=min(self.settings.timeout, remaining),
+                            num_retries=0,
+                            **kwargs,
+                        )
+                    span.answered(*_usage(response))
+                    return response
+                except Exception as exc:  # noqa: BLE001 - every provider failure is translated, once, here
+                    if bound.expired():
+                        attempts.last_error = _deadline_error(attempts.last_error)
+                        span.failed("DeadlineExceeded")
+                        return None
+                    error = from_litellm(exc)
+                    span.failed(error.kind, error.status_code)
+                finally:
+                    attempts.provider_ms += (time.monotonic() - started) * 1000
             attempts.last_error = error
             log.info(
                 "llm.attempt_failed",
@@ -259,12 +298,14 @@ class LLM:
                 error=error.kind,
                 status_code=error.status_code,
                 retryable=error.retryable,
+                message=str(error)[:300],  # scrubbed of credentials by ProviderError and the log chain
             )
             if not error.retryable or retry == self.settings.num_retries:
                 return None
             delay = self._backoff(retry, error)
             if time.monotonic() + delay >= deadline:
                 return None  # waiting would spend the rest of the deadline: fall back now
+            self.events.retry(group, error.kind)
             await self._sleep(delay)
         return None
 
@@ -276,9 +317,7 @@ class LLM:
         return base * (0.5 + random.random() / 2)
 
     def _completion(self, response: Any, group: str, requested: str, attempts: _Attempts) -> Completion:
-        usage = getattr(response, "usage", None)
-        prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-        completion = int(getattr(usage, "completion_tokens", 0) or 0)
+        prompt, completion = _usage(response)
         model_id = (getattr(response, "_hidden_params", None) or {}).get("model_id")
         price = self._prices.get(str(model_id)) or self._group_prices[group]
         choices = getattr(response, "choices", None) or []
@@ -293,6 +332,12 @@ class LLM:
             fallback_used=group != requested,
             provider_latency_ms=attempts.provider_ms,
         )
+
+
+def _usage(response: Any) -> tuple[int, int]:
+    """Prompt and completion tokens from the provider's usage block (0 when it sent none)."""
+    usage = getattr(response, "usage", None)
+    return int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
 
 
 def _deadline_error(last: ProviderError | None) -> ProviderError:

@@ -24,6 +24,7 @@ from worker.ledger import BudgetLedger, Reservation
 from worker.llm import LLM, Completion
 from worker.messages import ErrorInfo, LLMRequest, LLMResult, Status, Tokens
 from worker.results import ResultStore
+from worker.tracing import TraceParent
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -36,6 +37,7 @@ class Delivery:
     correlation_id: str | None = None
     message_id: str | None = None
     redelivered: bool = False
+    trace_parent: TraceParent | None = None  # the W3C traceparent header, when valid
 
 
 @dataclass
@@ -112,6 +114,9 @@ class Pipeline:
 
     def parse(self, delivery: Delivery) -> LLMRequest | Outcome:
         """Validate the body, or an ``invalid`` outcome naming the field and the problem."""
+        return _join_trace(self._validate(delivery), delivery.trace_parent)
+
+    def _validate(self, delivery: Delivery) -> LLMRequest | Outcome:
         request_id = delivery.correlation_id or delivery.message_id
         if len(delivery.body) > self.limits.max_body_bytes:
             return _invalid(
@@ -177,13 +182,11 @@ class Pipeline:
         except CacheUnavailable:  # fail open: no cache for this request
             return await self._call(request, model, started, deadline, cache_key=None, ttl=0)
         if claim.found is not None:
-            self.cache.hits += 1
             return await self._cache_hit(request, claim.found, started)
-        self.cache.misses += 1
         if not claim.owned:  # the holder is slow: do not wait past cache_wait_s, call ourselves
-            return await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl)
+            return _missed(await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl))
         try:
-            return await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl)
+            return _missed(await self._call(request, model, started, deadline, cache_key=cache_key, ttl=ttl))
         finally:
             await self.cache.release(cache_key, claim)
 
@@ -301,6 +304,28 @@ class Pipeline:
             cost_usd=completion.cost_usd,
             note="the answer is sent; its cost is missing from the ledger and its reservation will expire",
         )
+
+
+def _join_trace(parsed: LLMRequest | Outcome, parent: TraceParent | None) -> LLMRequest | Outcome:
+    """A request without a ``trace_id`` of its own joins the trace of its ``traceparent`` header;
+    its ids are bound to every log line written while it is handled (issue #7)."""
+    if isinstance(parsed, Outcome):
+        if parsed.result.trace_id is None and parent is not None:
+            parsed.result.trace_id = parent.trace_id
+        return parsed
+    request = parsed
+    if parent is not None and "trace_id" not in request.model_fields_set:
+        request = request.model_copy(update={"trace_id": parent.trace_id})
+    structlog.contextvars.bind_contextvars(
+        request_id=request.request_id, trace_id=request.trace_id, agent=request.agent, task_id=request.task_id
+    )
+    return request
+
+
+def _missed(outcome: Outcome) -> Outcome:
+    """Mark an answer that looked in the response cache and did not find it (for metrics)."""
+    outcome.extra.setdefault("cache", "miss")
+    return outcome
 
 
 def _request_id_from(text: str) -> str | None:

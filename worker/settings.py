@@ -1,8 +1,9 @@
 """Loading and validating ``config/*.yaml`` once, at start-up.
 
-Three files, each with one top key: ``llm.yaml`` (``llm:``), ``redis.yaml`` (``redis:``) and
-``bus.yaml`` (``bus:``). ``--config DIR`` or ``WORKER_CONFIG_DIR`` picks the folder; ``AMQP_URL``
-and ``REDIS_URL`` override the files' URLs. Every problem becomes a :class:`ConfigError` naming
+Four files, each with one top key: ``llm.yaml`` (``llm:``), ``redis.yaml`` (``redis:``),
+``bus.yaml`` (``bus:``) and ``observe.yaml`` (``observe:``). ``--config DIR`` or
+``WORKER_CONFIG_DIR`` picks the folder; ``AMQP_URL`` and ``REDIS_URL`` override the files' URLs,
+``OBSERVE_PORT`` the HTTP port. Every problem becomes a :class:`ConfigError` naming
 the file, the key and what was expected, so the process stops with one clear line.
 
 Secrets are never held here: a value ``os.environ/NAME`` stays a reference, is checked to exist
@@ -145,12 +146,25 @@ class BusSettings(BaseModel):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
 
+class ObserveSettings(BaseModel):
+    """The HTTP endpoint (``/metrics``, ``/livez``, ``/readyz``) and what logs may contain."""
+
+    model_config = _Strict
+
+    host: str = Field(min_length=1, description="Interface to listen on; 0.0.0.0 for Kubernetes probes.")
+    port: int = Field(ge=0, le=65535, description="0 picks a free port (logged in worker.ready).")
+    log_prompts_and_responses: bool = Field(
+        default=False, description="Put prompts and answers in the request.done line (debugging only)."
+    )
+
+
 class Settings(BaseModel):
     model_config = _Strict
 
     llm: LLMSettings
     redis: RedisSettings
     bus: BusSettings
+    observe: ObserveSettings
     config_dir: Path
 
     @property
@@ -238,20 +252,27 @@ def _check_llm(file: Path, llm: LLMSettings, environ: Mapping[str, str]) -> None
             )
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {"llm": LLMSettings, "redis": RedisSettings, "bus": BusSettings}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "llm": LLMSettings,
+    "redis": RedisSettings,
+    "bus": BusSettings,
+    "observe": ObserveSettings,
+}
 
 
 def load_settings(config_dir: Path | str | None = None, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Read and validate the three config files; raise :class:`ConfigError` on the first problem."""
+    """Read and validate the config files; raise :class:`ConfigError` on the first problem."""
     folder = Path(config_dir or environ.get("WORKER_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
     sections: dict[str, Any] = {}
-    for name in ("llm", "redis", "bus"):
+    for name in _SECTIONS:
         path = folder / f"{name}.yaml"
         raw = _read(path, name)
         if name == "redis" and environ.get("REDIS_URL"):
             raw = {**raw, "url": environ["REDIS_URL"]}
         if name == "bus" and environ.get("AMQP_URL"):
             raw = {**raw, "url": environ["AMQP_URL"]}
+        if name == "observe" and environ.get("OBSERVE_PORT"):
+            raw = {**raw, "port": environ["OBSERVE_PORT"]}
         model = _SECTIONS[name]
         try:
             sections[name] = model.model_validate(raw)
