@@ -205,6 +205,9 @@ async def test_no_api_key_url_password_or_prompt_reaches_the_log(tmp_path, names
         await provider.stop()
 
     assert ok.status is Status.ok and failed.status is Status.failed
+    # Nor in what the agent receives (and the dead-letter copy's x-dlq-message, built from it).
+    assert failed.error is not None and key not in failed.error.message
+    assert "[redacted]" in failed.error.message
     assert provider.requests[-1]["headers"]["Authorization"] == f"Bearer {key}"  # the key was really sent
     text = "\n".join(json.dumps(line) for line in worker.lines)
     assert key not in text and key[:16] not in text

@@ -19,6 +19,7 @@ from the exception's class and status, plus the provider's message with secrets 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 _SECRETS = re.compile(
@@ -180,7 +181,7 @@ _CLIENT_KINDS: dict[int, tuple[str, bool]] = {
 _RETRY_DELAY = re.compile(r'"retryDelay":\s*"(\d+(?:\.\d+)?)s"')
 
 
-def from_litellm(exc: BaseException) -> ProviderError:
+def from_litellm(exc: BaseException, *, redact: Callable[[str], str] | None = None) -> ProviderError:
     """Translate any exception raised by a litellm call into a :class:`ProviderError`.
 
     litellm's class decides the kind; where litellm had no rule and fell back to its catch-all
@@ -191,6 +192,8 @@ def from_litellm(exc: BaseException) -> ProviderError:
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
     message = str(getattr(exc, "message", "") or exc) or type(exc).__name__
+    if redact is not None:  # the worker's own keys, by value: a provider may echo the key it got
+        message = redact(message)
     answer = _provider_answer(exc)
     if answer is not None:
         status = getattr(answer, "status_code", status)

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,7 +34,7 @@ import structlog
 from worker import tracing
 from worker.errors import ConfigError, InvalidRequest, ProviderError, from_litellm
 from worker.messages import LLMRequest
-from worker.settings import LLMSettings, resolve_secrets
+from worker.settings import LLMSettings, env_secret_values, resolve_secrets
 
 log = structlog.get_logger("worker.llm")
 
@@ -108,8 +108,11 @@ class LLM:
         *,
         sleep: Any = asyncio.sleep,
         events: LLMEvents | None = None,
+        secrets: Iterable[str] = (),
     ):
+        """``secrets``: values no error message may carry (a provider may quote the key it got)."""
         self.settings = settings
+        self._secrets = sorted({s for s in secrets if len(s) >= 6}, key=len, reverse=True)
         self.router = router
         self._sleep = sleep
         self.events: LLMEvents = events or _NoEvents()
@@ -167,13 +170,14 @@ class LLM:
                     "model_info": model_info,
                 }
             )
+        secrets = [v for d in settings.models for v in env_secret_values(d.litellm_params, environ)]
         router = litellm.Router(
             model_list=model_list,
             num_retries=0,
             timeout=settings.timeout,
             **{"allowed_fails": 3, "cooldown_time": 30, **router_kwargs},
         )
-        return cls(settings, router, events=events)
+        return cls(settings, router, events=events, secrets=secrets)
 
     async def warm_up(self) -> None:
         """Pay litellm's first-call costs before consuming: lazy imports, tokenizer loads.
@@ -286,7 +290,7 @@ class LLM:
                         attempts.last_error = _deadline_error(attempts.last_error)
                         span.failed("DeadlineExceeded")
                         return None
-                    error = from_litellm(exc)
+                    error = from_litellm(exc, redact=self._redact)
                     span.failed(error.kind, error.status_code)
                 finally:
                     attempts.provider_ms += (time.monotonic() - started) * 1000
@@ -308,6 +312,11 @@ class LLM:
             self.events.retry(group, error.kind)
             await self._sleep(delay)
         return None
+
+    def _redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
 
     def _backoff(self, retry: int, error: ProviderError) -> float:
         """Retry-After when the provider sent a sane one, else exponential backoff with jitter."""

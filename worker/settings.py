@@ -199,6 +199,11 @@ def _env_refs(value: Any) -> list[str]:
     return []
 
 
+def env_secret_values(value: Any, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The values of every ``os.environ/NAME`` reference inside ``value``: the secrets it holds."""
+    return [environ[ref] for ref in _env_refs(value) if ref in environ]
+
+
 def resolve_secrets(value: Any, environ: Mapping[str, str] = os.environ) -> Any:
     """Replace every ``os.environ/NAME`` inside ``value`` by the variable's value."""
     if isinstance(value, str) and value.startswith(ENV_PREFIX):
