@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import WorkerProcess, deployment, llm_section, write_config
 from tests.helpers import raw_peer, request_body
-from tests.redis_server import PrivateRedis
+from tests.services import PrivateRedis
 from worker.ledger import BudgetLedger
 from worker.messages import Status
 from worker.settings import Budget

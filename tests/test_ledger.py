@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, WorkerProcess, deployment, llm_section, write_config
 from tests.helpers import raw_peer, request_body
-from tests.redis_server import PrivateRedis
+from tests.services import PrivateRedis
 from worker.errors import BudgetExceeded
 from worker.ledger import MICRO, BudgetLedger, to_micro
 from worker.messages import Status
