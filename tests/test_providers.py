@@ -504,3 +504,22 @@ async def test_production_config_reaches_every_provider_current_api(
         ("perplexity", "/v1/responses"),
     }
     assert sum(fake.calls for fake in fakes.values()) == len(llm["models"])
+
+
+async def test_exhausted_quota_is_not_retried_and_falls_back_at_once(
+    edge, make_settings, start_worker, client
+):
+    """OpenAI's `insufficient_quota` 429 does not cure with time: one call, then the next provider."""
+    openai, anthropic = PROVIDERS["openai"], PROVIDERS["anthropic"]
+    openai_fake, anthropic_fake = await edge(openai), await edge(anthropic)
+    openai_fake.fail_every_call("quota")
+    settings = make_settings(
+        default_model="openai",
+        fallback_models=["anthropic"],
+        models=[openai.deployment(openai_fake), anthropic.deployment(anthropic_fake)],
+    )
+    async with start_worker(settings):
+        result = await client.complete(messages(), agent="writer", max_tokens=MAX_TOKENS, use_cache=False)
+
+    assert openai_fake.calls == 1
+    assert result.status is Status.ok and result.model == "anthropic" and result.attempts == 2

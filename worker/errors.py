@@ -117,6 +117,24 @@ _LITELLM_KINDS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+# A 429 that waiting does not cure: the account is out of credit (OpenAI's error code
+# `insufficient_quota`). Retrying it only burns the deadline. Matched on the code, not on the
+# text "exceeded your current quota", which Gemini also uses for its per-minute limits.
+_NO_RETRY_CODES = frozenset({"insufficient_quota"})
+
+
+def _error_codes(*errors: BaseException | None) -> set[str]:
+    """The provider's error ``code``/``type`` values, from the exception or its parsed body."""
+    codes: set[str] = set()
+    for error in errors:
+        body = getattr(error, "body", None)
+        details = body.get("error", body) if isinstance(body, dict) else {}
+        for value in (getattr(error, "code", None), *(details.get(k) for k in ("code", "type"))):
+            if isinstance(value, str):
+                codes.add(value)
+    return codes
+
+
 def _retry_after_s(exc: BaseException, message: str = "") -> float | None:
     """The provider's wait hint in seconds: a ``Retry-After`` header, else Gemini's ``RetryInfo``.
 
@@ -197,6 +215,8 @@ def from_litellm(exc: BaseException, *, redact: Callable[[str], str] | None = No
     answer = _provider_answer(exc)
     if answer is not None:
         status = getattr(answer, "status_code", status)
+    if status == 429 and _error_codes(exc, answer) & _NO_RETRY_CODES:
+        return ProviderError("QuotaExhausted", message, retryable=False, status_code=status)
     retry_after = _retry_after_s(answer if answer is not None else exc, message)
     if retry_after is None and answer is not None:
         retry_after = _retry_after_s(exc, message)

@@ -102,6 +102,7 @@ class FakeOpenAIPlatform(OpenAIChatFake):
         "overloaded": (503, {}),
         "server_error": (500, {}),
         "auth": (401, {}),
+        "quota": (429, {}),
     }
     _ERRORS: ClassVar[dict[str, tuple[str, str | None, str]]] = {
         "rate_limit": (
@@ -117,6 +118,12 @@ class FakeOpenAIPlatform(OpenAIChatFake):
             "The server had an error while processing your request. Sorry about that!",
         ),
         "auth": ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
+        # A 429 that waiting does not cure (OpenAI's error-code guide: "do not retry").
+        "quota": (
+            "insufficient_quota",
+            "insufficient_quota",
+            "You exceeded your current quota, please check your plan and billing details.",
+        ),
     }
 
     def extra_usage(self) -> dict[str, Any]:
