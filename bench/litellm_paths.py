@@ -10,6 +10,9 @@ to the first line. Paths:
 - router, no success logging: the same with litellm's success logging skipped
 - direct: ``litellm.acompletion`` with the deployment's params (no Router)
 - direct, no success logging
+- direct, aiohttp_openai/: the ``aiohttp_openai/`` provider prefix instead of ``openai/`` (it skips
+  the openai SDK; in litellm 1.82.6 it returns zero usage and reports every HTTP error as a
+  connection error, so the worker refuses it at start-up: the line shows what that costs)
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
         "direct": lambda: litellm.acompletion(**params, max_retries=0, **common),
         "direct, no success logging": lambda: litellm.acompletion(
             **params, max_retries=0, _is_litellm_internal_call=True, **common
+        ),
+        # the same server through litellm's aiohttp provider, which skips the openai SDK
+        "direct, aiohttp_openai/": lambda: litellm.acompletion(
+            **{**params, "model": "aiohttp_openai/ok"}, max_retries=0, **common
         ),
     }
     print(describe())

@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -38,31 +39,11 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import describe  # noqa: E402
 from worker.client import LLMClient  # noqa: E402
 from worker.messages import Status  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# -- the machine --------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    model = "unknown cpu"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    from importlib.metadata import version
-
-    return (
-        f"# {platform.node()}: {os.cpu_count()} cpus ({model}), {mem_gib:.0f} GiB, {platform.system()} "
-        f"{platform.release()}; python {platform.python_version()}, litellm {version('litellm')}, "
-        f"aio-pika {version('aio-pika')}; load average before: {load}"
-    )
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -115,10 +96,18 @@ class WorkerProcess:
     proc: asyncio.subprocess.Process
     reader: asyncio.Task[None]
     lines: list[str]
+    ready_s: float  # spawn to the worker.ready line, as the parent saw it
+    http_port: int  # /metrics, /livez, /readyz
 
 
-async def start_worker(config: Path, timeout_s: float = 120) -> WorkerProcess:
-    """``python -m worker run`` at the production log level; returns once it logged worker.ready."""
+async def start_worker(
+    config: Path, timeout_s: float = 120, on_line: Callable[[dict[str, Any]], None] | None = None
+) -> WorkerProcess:
+    """``python -m worker run`` at the production log level; returns once it logged worker.ready.
+
+    ``on_line`` gets every JSON log line written after that (one ``request.done`` per request).
+    """
+    spawned = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -131,24 +120,28 @@ async def start_worker(config: Path, timeout_s: float = 120) -> WorkerProcess:
         env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
         stderr=asyncio.subprocess.PIPE,
     )
-    ready = asyncio.Event()
+    ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
     lines: list[str] = []
 
     async def read() -> None:  # keep the pipe drained: one JSON line per request at info level
         assert proc.stderr is not None
         async for raw in proc.stderr:
-            if not ready.is_set():
+            if not ready.done():
                 lines.append(raw.decode(errors="replace").rstrip())
                 if b'"worker.ready"' in raw:
-                    ready.set()
+                    ready.set_result(json.loads(raw))
+            elif on_line is not None:
+                with contextlib.suppress(ValueError):
+                    on_line(json.loads(raw))
 
     reader = asyncio.create_task(read())
     try:
-        await asyncio.wait_for(ready.wait(), timeout_s)
+        line = await asyncio.wait_for(asyncio.shield(ready), timeout_s)
     except TimeoutError:
-        proc.kill()
+        if proc.returncode is None:
+            proc.kill()
         raise RuntimeError(f"worker did not become ready; it logged: {lines[-5:]}") from None
-    return WorkerProcess(proc, reader, lines)
+    return WorkerProcess(proc, reader, lines, time.monotonic() - spawned, int(line["http_port"]))
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:
@@ -165,7 +158,11 @@ async def stop(proc: asyncio.subprocess.Process) -> None:
 # -- configuration ------------------------------------------------------------------------------
 
 
-def write_config(folder: Path, tag: str, base_url: str, prefetch: int, amqp: str, redis: str) -> Path:
+def write_config(
+    folder: Path, tag: str, base_url: str, prefetch: int, amqp: str, redis: str, slow_ms: tuple[int, ...] = ()
+) -> Path:
+    """A worker config on private queues and keys. The default model ``bench`` answers at the fake's
+    latency; each of ``slow_ms`` adds a model ``slow<MS>`` that answers after MS milliseconds."""
     agents = ("writer", "critic", "editor", "researcher", "fact-checker")
     llm = {
         "default_model": "bench",
@@ -184,14 +181,15 @@ def write_config(folder: Path, tag: str, base_url: str, prefetch: int, amqp: str
         },
         "models": [
             {
-                "model_name": "bench",
+                "model_name": name,
                 "litellm_params": {
-                    "model": "openai/ok",
+                    "model": f"openai/{fake_model}",
                     "api_base": base_url,
                     "api_key": "sk-bench-not-a-key",
                 },
                 "model_info": {"input_cost_per_token": 1e-6, "output_cost_per_token": 2e-6},
             }
+            for name, fake_model in [("bench", "ok"), *((f"slow{ms}", f"slow{ms}") for ms in slow_ms)]
         ],
     }
     bus = {
@@ -211,8 +209,9 @@ def write_config(folder: Path, tag: str, base_url: str, prefetch: int, amqp: str
         "connect_timeout_s": 2.0,
         "result_ttl_s": 600,
     }
+    observe = {"host": "127.0.0.1", "port": 0}  # replicas must not fight over one port
     folder.mkdir(parents=True, exist_ok=True)
-    for name, section in (("llm", llm), ("bus", bus), ("redis", red)):
+    for name, section in (("llm", llm), ("bus", bus), ("redis", red), ("observe", observe)):
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({name: section}))
     return folder
 
@@ -299,11 +298,13 @@ async def closed_loop(client: LLMClient, in_flight: int, duration_s: float) -> t
 
 
 @contextlib.asynccontextmanager
-async def workers(config: Path, count: int) -> AsyncIterator[list[WorkerProcess]]:
+async def workers(
+    config: Path, count: int, on_line: Callable[[dict[str, Any]], None] | None = None
+) -> AsyncIterator[list[WorkerProcess]]:
     started: list[WorkerProcess] = []
     try:
         for _ in range(count):
-            started.append(await start_worker(config))
+            started.append(await start_worker(config, on_line=on_line))
         yield started
     finally:
         for w in started:
@@ -351,31 +352,48 @@ async def scenario(
     )
 
 
-async def main(args: argparse.Namespace) -> None:
+@dataclass
+class Services:
+    """The shared broker and Redis, a fake provider process, and a tag naming private queues and keys."""
+
+    amqp: str
+    redis: str
+    fake: asyncio.subprocess.Process
+    base_url: str
+    tag: str
+    folder: Path
+
+
+@contextlib.asynccontextmanager
+async def services(latency_ms: float) -> AsyncIterator[Services]:
+    """Start the fake provider; at the end stop it and delete the run's queues and Redis keys."""
     amqp = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    print(machine())
+    port = free_port()
+    fake = await start_fake(port, latency_ms)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Services(amqp, redis_url, fake, f"http://127.0.0.1:{port}/v1", tag, Path(tmp))
+    finally:
+        await stop(fake)
+        await cleanup(amqp, redis_url, tag)
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(describe())
     print(
         f"# fake provider latency {args.latency_ms:g} ms, prefetch {args.prefetch} per worker, "
         f"{args.duration_s:g} s per scenario, closed loop (each lane sends again on its reply)"
     )
-    port = free_port()
-    fake = await start_fake(port, args.latency_ms)
-    tag = uuid.uuid4().hex[:8]
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            config = write_config(
-                Path(tmp), tag, f"http://127.0.0.1:{port}/v1", args.prefetch, amqp, redis_url
+    async with services(args.latency_ms) as env:
+        config = write_config(env.folder, env.tag, env.base_url, args.prefetch, env.amqp, env.redis)
+        for spec in args.scenarios.split(","):
+            count, in_flight = (int(x) for x in spec.split("x"))
+            figures = await scenario(
+                config, f"bench.{env.tag}.requests", env.amqp, env.fake.pid, count, in_flight, args.duration_s
             )
-            for spec in args.scenarios.split(","):
-                count, in_flight = (int(x) for x in spec.split("x"))
-                figures = await scenario(
-                    config, f"bench.{tag}.requests", amqp, fake.pid, count, in_flight, args.duration_s
-                )
-                print(figures.line(), flush=True)
-    finally:
-        await stop(fake)
-        await cleanup(amqp, redis_url, tag)
+            print(figures.line(), flush=True)
 
 
 def parse_args() -> argparse.Namespace:

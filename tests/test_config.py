@@ -135,6 +135,20 @@ def test_unroutable_model_name_is_a_start_up_error(config_copy):
         LLM.build(settings.llm, environ=KEYS)
 
 
+def test_a_provider_that_reports_no_usage_is_a_start_up_error(config_copy):
+    """litellm 1.82.6's aiohttp_openai/ answers with zero usage: its calls would escape the budgets."""
+    from worker.llm import LLM
+
+    edit(
+        config_copy,
+        "llm.yaml",
+        lambda d: d["llm"]["models"][0]["litellm_params"].update(model="aiohttp_openai/gpt-4.1-mini"),
+    )
+    settings = load_settings(config_copy, environ=KEYS)
+    with pytest.raises(ConfigError, match=r"llm\.models\.0\.litellm_params\.model.*returns no token usage"):
+        LLM.build(settings.llm, environ=KEYS)
+
+
 def test_cli_stops_with_one_line_and_exit_code_2(config_copy):
     edit(config_copy, "llm.yaml", lambda d: d["llm"].pop("default_model"))
     proc = subprocess.run(

@@ -38,6 +38,13 @@ from worker.settings import LLMSettings, env_secret_values, resolve_secrets
 
 log = structlog.get_logger("worker.llm")
 
+# Providers whose litellm 1.82.6 implementation cannot be billed: measured by bench/litellm_paths.py,
+# aiohttp_openai/ costs half the CPU of openai/ per call but returns no usage (every call would cost
+# 0 and escape the budgets) and turns every HTTP error into a retryable connection error.
+_UNBILLABLE_PROVIDERS = {
+    "aiohttp_openai": "returns no token usage in this litellm release (calls would cost 0 and escape "
+    "the budgets) and reports 4xx errors as connection errors: use openai/ with the same api_base",
+}
 _FORBIDDEN_PARAMS = ("num_retries", "max_retries", "fallbacks")
 
 
@@ -154,7 +161,7 @@ class LLM:
                         "retries and fallbacks are set by llm.num_retries and llm.fallback_models",
                     )
             try:
-                litellm.get_llm_provider(params["model"], params.get("custom_llm_provider"))
+                route = litellm.get_llm_provider(params["model"], params.get("custom_llm_provider"))
             except Exception as exc:  # noqa: BLE001 - litellm raises assorted types for an unknown provider
                 raise ConfigError(
                     "llm.yaml",
@@ -162,6 +169,13 @@ class LLM:
                     f"litellm cannot route '{params['model']}' (use a provider prefix such as "
                     f"openai/, anthropic/, gemini/, cohere_chat/, perplexity/): {exc}",
                 ) from None
+            provider = route[1]
+            if provider in _UNBILLABLE_PROVIDERS:
+                raise ConfigError(
+                    "llm.yaml",
+                    f"llm.models.{i}.litellm_params.model",
+                    f"'{provider}/' {_UNBILLABLE_PROVIDERS[provider]}",
+                )
             model_info = {**d.model_info.model_dump(), "id": f"{d.model_name}#{i}"}
             model_list.append(
                 {

@@ -1,0 +1,366 @@
+"""How fast the worker is, as ratios within one run against one local fake provider (issue #9).
+
+    .venv/bin/python bench/performance.py                 # every figure of the README (about 4 minutes)
+    .venv/bin/python bench/performance.py --only slow     # one section: ratio, latency, slow, scaling
+
+The fake OpenAI server runs as its own process; workers are real ``python -m worker run``
+processes (what the image runs) on private queues and Redis keys of the shared RabbitMQ and
+Redis; load comes from :class:`LLMClient` in this process. Cache off and a distinct prompt per
+request: every request is a full path (result-store claim, ledger reserve and settle, provider
+call through litellm, reply with a publisher confirm, ack). Sections:
+
+ratio    one worker's throughput vs raw ``litellm.acompletion`` calls from one process, both at
+         the same concurrency against the zero-latency fake
+latency  added latency at a steady open-loop load: the client's end-to-end time minus the time
+         the worker spent in the provider call (its ``request.done`` line), p50 and p99
+slow     a provider answering in 1 s: requests/s and calls held in flight by one worker, the
+         fake's peak of concurrent calls (a saturated HTTP pool would hold it below the worker's),
+         and the worker's memory with them in flight
+scaling  two and four replicas vs one, same provider latency and load per replica
+start-up is measured on every worker started: spawn to its ``worker.ready`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import describe  # noqa: E402
+from bench.sizing import (  # noqa: E402
+    cpu_seconds,
+    machine_busy_seconds,
+    memory_mib,
+    services,
+    workers,
+    write_config,
+)
+from worker.client import LLMClient  # noqa: E402
+from worker.messages import Status  # noqa: E402
+
+SLOW_MS = 1000  # the slow provider
+LATENCY_MS = 50  # the provider of the latency and scaling sections
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100), nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))] if ordered else 0.0
+
+
+def http_json(url: str, data: bytes | None = None) -> Any:
+    with urllib.request.urlopen(url, data=data, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def scrape_gauge(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise LookupError(name)
+
+
+@dataclass
+class Run:
+    """One measured window: requests answered ok, wall time, and CPU of the processes involved."""
+
+    ok: int = 0
+    failed: int = 0
+    wall_s: float = 0.0
+    worker_cpu_s: list[float] = field(default_factory=list)
+    busy_pct: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.wall_s if self.wall_s else 0.0
+
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * sum(self.worker_cpu_s) / max(self.ok, 1)
+
+    def others(self) -> str:
+        """Where the rest of the machine went: the load generator, RabbitMQ, Redis, the fake, other jobs."""
+        cpus = os.cpu_count() or 1
+        measured = 100 * sum(self.worker_cpu_s) / self.wall_s
+        return (
+            f"machine busy {self.busy_pct:.0f} % of {cpus} cpus (measured processes {measured:.0f} %, "
+            f"everything else {self.busy_pct * cpus - measured:.0f} % of one cpu)"
+        )
+
+
+class Measure:
+    """CPU of some processes and of the whole machine over a window."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.cpu0 = [cpu_seconds(pid) for pid in pids]
+        self.busy0, self.t0 = machine_busy_seconds(), time.monotonic()
+
+    def into(self, run: Run) -> Run:
+        run.wall_s = time.monotonic() - self.t0
+        run.worker_cpu_s = [cpu_seconds(pid) - c for pid, c in zip(self.pids, self.cpu0, strict=True)]
+        run.busy_pct = 100 * (machine_busy_seconds() - self.busy0) / run.wall_s / (os.cpu_count() or 1)
+        return run
+
+
+async def lanes(count: int, duration_s: float, call: Callable[[int], Awaitable[bool]]) -> Run:
+    """``count`` closed-loop lanes calling ``call`` until ``duration_s`` has passed."""
+    run = Run()
+    stop_at = time.monotonic() + duration_s
+
+    async def lane(lane_id: int) -> None:
+        while time.monotonic() < stop_at:
+            started = time.monotonic()
+            if await call(lane_id):
+                run.ok += 1
+                run.latencies_ms.append(1000 * (time.monotonic() - started))
+            else:
+                run.failed += 1
+
+    await asyncio.gather(*(lane(i) for i in range(count)))
+    return run
+
+
+def via(client: LLMClient, model: str | None = None) -> Callable[[int], Awaitable[bool]]:
+    async def call(lane_id: int) -> bool:
+        result = await client.complete(
+            f"perf {lane_id} {uuid.uuid4().hex}", agent="writer", model=model, use_cache=False, timeout_s=120
+        )
+        return result.status is Status.ok
+
+    return call
+
+
+async def warm(client: LLMClient, count: int, model: str | None = None) -> None:
+    await asyncio.gather(*(via(client, model)(i) for i in range(count)))
+
+
+@dataclass
+class Bench:
+    amqp: str
+    redis: str
+    base_url: str
+    tag: str
+    folder: Path
+    duration_s: float
+    started: list[float] = field(default_factory=list)
+
+    @property
+    def queue(self) -> str:
+        return f"bench.{self.tag}.requests"
+
+    def config(self, prefetch: int) -> Path:
+        return write_config(
+            self.folder / f"p{prefetch}", self.tag, self.base_url, prefetch, self.amqp, self.redis,
+            slow_ms=(LATENCY_MS, SLOW_MS),
+        )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def replicas(
+        self, count: int, prefetch: int, on_line: Callable[[dict[str, Any]], None] | None = None
+    ) -> Any:
+        async with workers(self.config(prefetch), count, on_line) as procs:
+            self.started += [p.ready_s for p in procs]
+            yield procs
+
+    def client(self) -> LLMClient:
+        return LLMClient(self.amqp, request_queue=self.queue)
+
+    # -- sections ---------------------------------------------------------------------------
+
+    async def ratio(self, concurrency: int) -> None:
+        import litellm
+
+        litellm.suppress_debug_info = True
+        params = {"model": "openai/ok", "api_base": self.base_url, "api_key": "sk-bench-not-a-key"}
+
+        async def raw(lane_id: int) -> bool:
+            messages = [{"role": "user", "content": f"perf {lane_id} {uuid.uuid4().hex}"}]
+            await litellm.acompletion(
+                **params, messages=messages, temperature=0.5, max_tokens=64, timeout=30, max_retries=0
+            )
+            return True
+
+        await lanes(concurrency, 3, raw)  # warm-up: imports, the HTTP pool
+        measure = Measure([os.getpid()])
+        direct = measure.into(await lanes(concurrency, self.duration_s, raw))
+        async with self.replicas(1, concurrency) as procs, self.client() as client:
+            await warm(client, 100)
+            measure = Measure([procs[0].proc.pid])
+            served = measure.into(await lanes(concurrency, self.duration_s, via(client)))
+        print(
+            f"ratio    raw litellm.acompletion, 1 process, {concurrency} concurrent: "
+            f"{direct.rate:7.1f} req/s, {direct.cpu_ms_per_request():.2f} ms CPU/call, {direct.others()}"
+        )
+        print(
+            f"ratio    one worker, prefetch {concurrency}, {concurrency} in flight:        "
+            f"{served.rate:7.1f} req/s, {served.cpu_ms_per_request():.2f} ms CPU/request, {served.others()}, "
+            f"p50 {pct(served.latencies_ms, 50):.1f} ms, failed {served.failed}"
+        )
+        print(f"ratio    worker / raw litellm = {served.rate / direct.rate:.2f}   (target >= 0.8)")
+
+    async def latency(self, rate: float) -> None:
+        provider_ms: dict[str, float] = {}
+
+        def on_line(line: dict[str, Any]) -> None:
+            if line.get("event") == "request.done" and line.get("outcome") == "ok":
+                provider_ms[line["request_id"]] = float(line["provider_latency_ms"])
+
+        model = f"slow{LATENCY_MS}"
+        async with self.replicas(1, 256, on_line) as procs, self.client() as client:
+            await warm(client, 50, model)
+            end_to_end: dict[str, float] = {}
+            measure = Measure([procs[0].proc.pid])
+
+            async def one() -> None:
+                request_id = uuid.uuid4().hex
+                started = time.monotonic()
+                result = await client.complete(
+                    f"latency {request_id}", agent="writer", model=model, use_cache=False,
+                    timeout_s=60, request_id=request_id,
+                )  # fmt: skip
+                if result.status is Status.ok:
+                    end_to_end[request_id] = 1000 * (time.monotonic() - started)
+
+            tasks = []
+            for _ in range(int(rate * self.duration_s)):  # open loop: one request every 1/rate s
+                tasks.append(asyncio.create_task(one()))
+                await asyncio.sleep(1 / rate)
+            await asyncio.gather(*tasks)
+            run = measure.into(Run(ok=len(end_to_end)))
+            await asyncio.sleep(0.5)  # the last request.done lines
+        added = [end_to_end[r] - provider_ms[r] for r in end_to_end if r in provider_ms]
+        beyond_fake = [ms - LATENCY_MS for ms in end_to_end.values()]
+        in_provider = list(provider_ms.values())
+        print(
+            f"latency  {rate:g} req/s open loop for {self.duration_s:g} s, provider {LATENCY_MS} ms: "
+            f"{len(end_to_end)} answered, {run.others()}"
+        )
+        print(
+            f"latency  added (end-to-end minus the worker's provider time): p50 {pct(added, 50):.1f} ms, "
+            f"p99 {pct(added, 99):.1f} ms   (target p50 <= 5, p99 <= 25)"
+        )
+        print(
+            f"latency  provider time as the worker saw it (litellm + HTTP + {LATENCY_MS} ms): "
+            f"p50 {pct(in_provider, 50):.1f} ms, p99 {pct(in_provider, 99):.1f} ms; end-to-end minus the "
+            f"fake's {LATENCY_MS} ms: p50 {pct(beyond_fake, 50):.1f} ms, p99 {pct(beyond_fake, 99):.1f} ms"
+        )
+
+    async def slow(self, in_flight: int) -> None:
+        model = f"slow{SLOW_MS}"
+        async with self.replicas(1, in_flight) as procs, self.client() as client:
+            worker = procs[0]
+            await warm(client, 50, model)
+            http_json(self.base_url.removesuffix("/v1") + "/reset", b"")
+            samples: list[float] = []
+            rss: list[float] = []
+
+            async def sample() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    gauge = await asyncio.to_thread(scrape_gauge, worker.http_port, "llm_worker_in_flight")
+                    samples.append(gauge)
+                    rss.append(memory_mib(worker.proc.pid)[0])
+
+            sampler = asyncio.create_task(sample())
+            measure = Measure([worker.proc.pid])
+            run = measure.into(await lanes(in_flight, self.duration_s, via(client, model)))
+            sampler.cancel()
+            peak_rss = memory_mib(worker.proc.pid)[1]
+            peak_at_fake = http_json(self.base_url.removesuffix("/v1") + "/stats")["max_in_flight"]
+        steady = samples[2:-2] or samples
+        print(
+            f"slow     provider {SLOW_MS} ms, one worker, prefetch {in_flight}, {in_flight} lanes: "
+            f"{run.rate:6.1f} req/s   (target >= 200), latency p50 {pct(run.latencies_ms, 50):.0f} ms "
+            f"p99 {pct(run.latencies_ms, 99):.0f} ms, failed {run.failed}"
+        )
+        print(
+            f"slow     in flight in the worker: mean {statistics.fmean(steady):.0f}, max {max(samples):.0f}; "
+            f"peak concurrent calls at the provider {peak_at_fake}; worker CPU "
+            f"{100 * run.worker_cpu_s[0] / run.wall_s:.0f} % ({run.cpu_ms_per_request():.2f} ms/request), "
+            f"{run.others()}"
+        )
+        print(
+            f"slow     worker RSS with ~{statistics.fmean(steady):.0f} in flight: {max(rss):.0f} MiB "
+            f"(peak {peak_rss:.0f} MiB)"
+        )
+
+    async def scaling(self, per_replica: int, counts: tuple[int, ...]) -> None:
+        model = f"slow{LATENCY_MS}"
+        rates: dict[int, Run] = {}
+        for count in counts:
+            async with self.replicas(count, per_replica) as procs, self.client() as client:
+                await warm(client, 50 * count, model)
+                measure = Measure([p.proc.pid for p in procs])
+                run = await lanes(per_replica * count, self.duration_s, via(client, model))
+                rates[count] = measure.into(run)
+        base = rates[counts[0]].rate
+        for count, run in rates.items():
+            print(
+                f"scaling  {count} replica(s), {per_replica * count} in flight, provider {LATENCY_MS} ms: "
+                f"{run.rate:6.1f} req/s, x{run.rate / base:.2f} vs {counts[0]}, "
+                f"{run.cpu_ms_per_request():.2f} ms CPU/request, {run.others()}, "
+                f"p50 {pct(run.latencies_ms, 50):.0f} ms"
+            )
+
+
+async def main(args: argparse.Namespace) -> None:
+    print(describe())
+    print(
+        f"# {args.duration_s:g} s per measured window; cache off, distinct prompts: every request is a "
+        "provider call"
+    )
+    sections = args.only.split(",") if args.only else ["ratio", "latency", "slow", "scaling"]
+    async with services(0) as env:
+        bench = Bench(env.amqp, env.redis, env.base_url, env.tag, env.folder, args.duration_s)
+        for section in sections:
+            if section == "ratio":
+                await bench.ratio(args.concurrency)
+            elif section == "latency":
+                await bench.latency(args.rate)
+            elif section == "slow":
+                await bench.slow(args.slow_in_flight)
+            elif section == "scaling":
+                await bench.scaling(args.per_replica, (1, 2, 4))
+            else:
+                raise SystemExit(f"unknown section {section!r}: ratio, latency, slow, scaling")
+            sys.stdout.flush()
+        starts = sorted(bench.started)
+        print(
+            f"start-up spawn to worker.ready over {len(starts)} workers: median "
+            f"{statistics.median(starts):.2f} s, min {starts[0]:.2f} s, max {starts[-1]:.2f} s"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration-s", type=float, default=15)
+    parser.add_argument("--concurrency", type=int, default=64, help="ratio: requests in flight")
+    parser.add_argument("--rate", type=float, default=20, help="latency: requests per second")
+    parser.add_argument("--slow-in-flight", type=int, default=500, help="slow: requests in flight")
+    parser.add_argument("--per-replica", type=int, default=64, help="scaling: requests in flight per replica")
+    parser.add_argument("--only", default="", help="comma-separated sections")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main(parse_args()))
