@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 import uuid
 
 import aio_pika
+import pytest
+from redis.exceptions import RedisError
 
 from tests.conftest import WorkerProcess
 from tests.helpers import FAST_RECONNECT, ReplyInbox, queue_depth, raw_peer, request_body
@@ -157,3 +160,55 @@ async def test_a_redis_restart_fails_requests_meanwhile_to_the_dlq_and_service_r
 
 async def _depth(url: str, queue: str, count: int) -> bool:
     return await queue_depth(url, queue) == count
+
+
+async def test_a_claim_an_outage_left_behind_does_not_block_the_replay(config, amqp_url, names, fake):
+    """A request claimed just before Redis goes down fails (LedgerUnavailable) and its claim on
+    the request_id cannot be released; a persistent Redis keeps that claim, which names this very
+    worker. The replay must take it over, not wait for itself until the deadline and fail again
+    (found by the fault suite, issue #9)."""
+    redis = await PrivateRedis(persistent=True).start()
+    try:
+        settings = load_settings(config(redis=redis.url, deadline_s=10), environ={})
+        body = request_body("claimed just before the outage", use_cache=False)
+        async with running_worker(settings) as worker, raw_peer(amqp_url, names.request_queue) as peer:
+            results = worker.pipeline.results
+            claim = await results.claim_or_wait(body["request_id"], ttl_s=70, wait_until=time.monotonic())
+            assert claim.owned
+            await redis.stop()
+            with pytest.raises(RedisError):
+                await results.release(body["request_id"], claim)
+            await redis.start()
+            await peer.publish(body)  # the replay from the dead-letter queue
+            [reply] = await peer.wait_replies(1, timeout_s=30)
+    finally:
+        await redis.destroy()
+    result = LLMResult.model_validate_json(reply.body)
+    assert result.status is Status.ok, result.error
+    assert fake.total_calls() == 1
+
+
+async def test_calls_in_flight_through_a_redis_outage_are_charged_when_it_is_back(
+    config, amqp_url, names, fake
+):
+    """The provider billed them while Redis was down: each answer waits for its charge (issue #9;
+    settling used to give up after ~1.5 s and answer uncharged, the reservation left held)."""
+    fake.latency_s = 1.0
+    redis = await PrivateRedis(persistent=True).start()
+    try:
+        settings = load_settings(config(redis=redis.url), environ={})
+        async with running_worker(settings), raw_peer(amqp_url, names.request_queue) as peer:
+            for i in range(3):
+                await peer.publish(request_body(f"in flight {i}", use_cache=False))
+            await fake.wait_until(lambda f: f.in_flight == 3)
+            await redis.stop()
+            await asyncio.sleep(3)  # an outage longer than the old settle retries
+            await redis.start()
+            await peer.wait_replies(3, timeout_s=30)
+        state = await day_state(settings)
+    finally:
+        await redis.destroy()
+    results = peer.results()
+    assert [r.status for r in results] == [Status.ok] * 3 and fake.total_calls() == 3
+    assert state.calls == 3 and state.reserved_usd == 0
+    assert state.spent_usd == pytest.approx(sum(r.cost_usd for r in results), abs=3e-6)
