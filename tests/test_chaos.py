@@ -2,7 +2,7 @@
 being served, each reported as one row (tests/faults.py says what the columns count) and held
 to the same targets: nothing lost, nothing charged twice, the ledger exact, no reservation left.
 
-Slow (two to four minutes) and it restarts services, so it is kept out of the default run:
+It restarts services and takes about a minute, so it is kept out of the default run:
 ``pytest -m chaos`` runs it and prints the table at the end. The shared RabbitMQ and Redis are
 never stopped: the restarts happen on private instances (tests/services.py).
 """
@@ -39,7 +39,7 @@ PREFETCH = 16
 # A redelivered request waits for the dead worker's claim until its heartbeat expires (10 s):
 # the deadline must be longer than that.
 LLM = {"deadline_s": 30, "timeout": 10}
-REDIS_OUTAGE_S = 3.0  # longer than the Redis client's retries and the settle retries together
+REDIS_OUTAGE_S = 3.0  # past the Redis client's retries: requests arriving meanwhile fail closed
 
 
 def requests(fault: str, count: int = 200, **fields: Any) -> list[dict[str, Any]]:
@@ -55,12 +55,12 @@ async def strike(
     fault: Callable[[], Awaitable[object]],
     *,
     busy: Callable[[], bool],
-    in_flight: Callable[[], int] | None = None,
-) -> int | None:
+    in_flight: Callable[[], int],
+) -> int:
     """Once ``busy()`` holds, run ``fault`` while ``load`` goes on, then let the load finish.
     Returns ``in_flight()`` read as the fault struck."""
     await eventually(busy, what="the workers busy")
-    count = in_flight() if in_flight is not None else None
+    count = in_flight()
     assert not load.done, "the load ended before the fault"
     await fault()
     await load.finished()
@@ -226,7 +226,12 @@ async def test_sigterm_drain(config, amqp_url, names, fake, worker_processes, fa
             assert await leaving.wait(timeout_s=60) == 0
 
         async with SteadyLoad(peer.publish, bodies, per_s=40) as load:
-            await strike(load, scale_down, busy=lambda: len(peer.replies) >= 30 and fake.in_flight >= 8)
+            await strike(
+                load,
+                scale_down,
+                busy=lambda: len(peer.replies) >= 30 and fake.in_flight >= 8,
+                in_flight=lambda: fake.in_flight,
+            )  # both workers': the leaving one logs its own
         if await answered(load.sent, lambda: parsed(peer.replies)):
             await quiesce(staying, amqp_url, names.request_queue, peer.flush)
 
