@@ -28,6 +28,8 @@ import redis.asyncio as aioredis
 import yaml
 
 from tests.fakes.openai_server import FakeOpenAI
+from tests.faults import FAULT_REPORTS, FaultReport, table
+from tests.services import PrivateRabbit
 from worker.app import running_worker
 from worker.client import LLMClient
 from worker.settings import Settings, load_settings
@@ -123,6 +125,15 @@ async def names(amqp_url: str, redis_url: str) -> AsyncIterator[Names]:
         keys = [k async for k in client.scan_iter(match=f"{n.prefix}*", count=1000)]
         if keys:
             await client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node of this module's own, for tests that restart or reconfigure the broker."""
+    node = PrivateRabbit()
+    asyncio.run(node.start())
+    yield node
+    asyncio.run(node.destroy())
 
 
 @pytest.fixture
@@ -241,6 +252,20 @@ def write_config(
 
 
 @pytest.fixture
+def config(tmp_path: Path, names: Names, amqp_url: str, redis_url: str, fake: FakeOpenAI):
+    """``config(bus={...}, amqp=URL, redis=URL, **llm_overrides)`` -> a config folder, for worker
+    processes and ``load_settings``; ``amqp`` and ``redis`` point it at private services."""
+
+    def build(
+        bus: dict[str, Any] | None = None, *, amqp: str | None = None, redis: str | None = None, **llm: Any
+    ) -> Path:
+        return write_config(tmp_path / uuid.uuid4().hex[:6], names, amqp or amqp_url, redis or redis_url,
+                            llm_section(fake.base_url, **llm), bus)  # fmt: skip
+
+    return build
+
+
+@pytest.fixture
 def make_settings(tmp_path: Path, names: Names, amqp_url: str, redis_url: str, fake: FakeOpenAI):
     """``make_settings(**llm_overrides, bus={...}, observe={...})`` -> Settings from real YAML files."""
     counter = iter(range(1000))
@@ -354,6 +379,13 @@ class WorkerProcess:
             self._reader.cancel()
 
 
+async def start_replicas(config: Path, count: int, procs: list[WorkerProcess]) -> list[WorkerProcess]:
+    """Start ``count`` worker processes on ``config`` at once; they are added to ``procs``."""
+    started = await asyncio.gather(*(WorkerProcess(config).start() for _ in range(count)))
+    procs.extend(started)
+    return list(started)
+
+
 @pytest.fixture
 async def worker_processes() -> AsyncIterator[list[WorkerProcess]]:
     """A list to append started :class:`WorkerProcess` objects to; all are killed at the end."""
@@ -361,3 +393,20 @@ async def worker_processes() -> AsyncIterator[list[WorkerProcess]]:
     yield procs
     for proc in procs:
         await proc.stop()
+
+
+# -- the fault suite's table (tests/test_chaos.py) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def fault_reports(request: pytest.FixtureRequest) -> list[FaultReport]:
+    """Each fault test appends its row, before asserting on it, so a failed target shows too."""
+    return request.config.stash.setdefault(FAULT_REPORTS, [])
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    reports = config.stash.get(FAULT_REPORTS, [])
+    if reports:
+        terminalreporter.section("fault suite (tests/test_chaos.py)")
+        for line in table(reports):
+            terminalreporter.write_line(line)

@@ -15,6 +15,7 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.messages import LLMResult
 
@@ -26,6 +27,9 @@ def request_body(prompt: str = "hello", *, agent: str = "writer", **fields: Any)
         "messages": [{"role": "user", "content": prompt}],
         **fields,
     }
+
+
+FLUSH_MARKER = "flush-marker"
 
 
 class RawPeer:
@@ -80,6 +84,15 @@ class RawPeer:
     def results(self) -> list[LLMResult]:
         return [LLMResult.model_validate_json(m.body) for m in self.replies]
 
+    async def flush(self) -> None:
+        """Deliver everything already in the reply queue: a marker sent now arrives after it (FIFO)."""
+        count = len(self.replies) + 1
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(b"{}", correlation_id=FLUSH_MARKER), routing_key=self.reply_queue.name
+        )
+        await self.wait_replies(count)
+        self.replies[:] = [r for r in self.replies if r.correlation_id != FLUSH_MARKER]
+
 
 @asynccontextmanager
 async def raw_peer(amqp_url: str, request_queue: str) -> AsyncIterator[RawPeer]:
@@ -113,3 +126,68 @@ async def queue_depth(amqp_url: str, queue: str) -> int:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
         return q.declaration_result.message_count or 0
+
+
+FAST_RECONNECT = "?reconnect_interval=1"  # aio-pika's default is 5 s
+
+
+class ReplyInbox:
+    """An agent that outlives a broker restart: a durable reply queue read, and requests published
+    with confirms, over one robust connection. Replies published before the restart are still
+    there after it; a publish the restart cuts off is sent again until the broker confirms it."""
+
+    def __init__(self, url: str, request_queue: str):
+        self.url, self.request_queue = url, request_queue
+        self.name = f"t.replies.{uuid.uuid4().hex[:8]}"
+        self.results: dict[str, LLMResult] = {}  # the last reply per correlation id
+        self.replies: list[tuple[str, LLMResult]] = []  # every reply, duplicates included
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._flushed = asyncio.Event()
+
+    async def __aenter__(self) -> ReplyInbox:
+        self._connection = await aio_pika.connect_robust(self.url + FAST_RECONNECT)
+        channel = await self._connection.channel()
+        self._queue = await channel.declare_queue(self.name, durable=True)
+        await self._queue.consume(self._on_reply, no_ack=True)
+        self._publisher = await self._connection.channel(publisher_confirms=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._connection is not None
+        await self._connection.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if message.correlation_id == FLUSH_MARKER:
+            self._flushed.set()
+            return
+        result = LLMResult.model_validate_json(message.body)
+        self.results[message.correlation_id or ""] = result
+        self.replies.append((message.correlation_id or "", result))
+
+    async def publish_one(self, body: dict[str, Any]) -> str:
+        message = aio_pika.Message(
+            json.dumps(body).encode(),
+            correlation_id=body["request_id"],
+            reply_to=self.name,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        while True:
+            try:
+                await self._publisher.default_exchange.publish(
+                    message, routing_key=self.request_queue, timeout=5
+                )
+                return str(body["request_id"])
+            except (*CONNECTION_EXCEPTIONS, aio_pika.exceptions.AMQPError, TimeoutError):
+                await asyncio.sleep(0.2)  # the robust connection is coming back
+
+    async def publish(self, bodies: list[dict[str, Any]]) -> None:
+        for body in bodies:
+            await self.publish_one(body)
+
+    async def flush(self, timeout_s: float = 30) -> None:
+        """Deliver every reply already in the queue: a marker sent now arrives after it (FIFO)."""
+        self._flushed.clear()
+        await self._publisher.default_exchange.publish(
+            aio_pika.Message(b"{}", correlation_id=FLUSH_MARKER), routing_key=self.name, timeout=timeout_s
+        )
+        await asyncio.wait_for(self._flushed.wait(), timeout_s)

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -159,14 +160,16 @@ class PrivateRabbit:
 
 
 class PrivateRedis:
-    """``redis-server`` on a free port, without persistence (a restart loses its data, like a
-    Redis whose persistence is off)."""
+    """``redis-server`` on a free port. Without persistence a restart loses its data, like a Redis
+    whose persistence is off; ``persistent=True`` keeps an append-only file fsynced at every write
+    (what the README asks of production), so that even a crash loses nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, persistent: bool = False) -> None:
         if shutil.which("redis-server") is None:
             pytest.skip("needs redis-server on PATH")
         self.port = free_port()
         self.proc: asyncio.subprocess.Process | None = None
+        self.data_dir = Path(tempfile.mkdtemp(prefix="redis-")) if persistent else None
 
     @property
     def url(self) -> str:
@@ -181,8 +184,7 @@ class PrivateRedis:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *self._persistence(),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -200,3 +202,13 @@ class PrivateRedis:
     async def restart(self) -> None:
         await self.stop()
         await self.start()
+
+    async def destroy(self) -> None:
+        await self.stop()
+        if self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def _persistence(self) -> list[str]:
+        if self.data_dir is None:
+            return ["--appendonly", "no"]
+        return ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.data_dir)]

@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aio_pika
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import ROOT, WorkerProcess, llm_section, write_config
+from tests.conftest import ROOT, llm_section, start_replicas, write_config
 from tests.helpers import raw_peer, request_body
 from worker.ledger import BudgetLedger
 from worker.messages import LLMResult, Status
@@ -546,22 +545,6 @@ def replica_config(
     return config
 
 
-async def start_replicas(config: Path, count: int, procs: list[WorkerProcess]) -> list[WorkerProcess]:
-    started = await asyncio.gather(*(WorkerProcess(config).start() for _ in range(count)))
-    procs.extend(started)
-    return list(started)
-
-
-async def flush_replies(peer: Any) -> None:
-    """Deliver everything already in the reply queue: a marker sent now arrives after it (FIFO)."""
-    count = len(peer.replies) + 1
-    await peer.channel.default_exchange.publish(
-        aio_pika.Message(b"{}", correlation_id="marker"), routing_key=peer.reply_queue.name
-    )
-    await peer.wait_replies(count)
-    peer.replies[:] = [r for r in peer.replies if r.correlation_id != "marker"]
-
-
 async def test_three_replicas_share_the_queue_and_one_can_leave_mid_load(
     tmp_path, names, amqp_url, redis_url, fake, worker_processes
 ):
@@ -580,7 +563,7 @@ async def test_three_replicas_share_the_queue_and_one_can_leave_mid_load(
         for replica in replicas[1:]:
             replica.signal(signal.SIGTERM)
         assert await asyncio.gather(*(replica.wait(timeout_s=30) for replica in replicas[1:])) == [0, 0]
-        await flush_replies(peer)  # any second answer to a request would be in the queue by now
+        await peer.flush()  # any second answer to a request would be in the queue by now
 
     assert sorted(r.correlation_id for r in peer.replies) == sorted(ids), "each answered exactly once"
     assert [(r.error, r.latency_ms) for r in peer.results() if r.status is not Status.ok] == []

@@ -8,88 +8,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
 
 import aio_pika
 import pytest
+from redis.exceptions import RedisError
 
-from tests.conftest import WorkerProcess, llm_section, write_config
-from tests.helpers import queue_depth, raw_peer, request_body
+from tests.conftest import WorkerProcess
+from tests.helpers import FAST_RECONNECT, ReplyInbox, queue_depth, raw_peer, request_body
 from tests.ops import day_state, eventually
-from tests.services import PrivateRabbit, PrivateRedis
+from tests.services import PrivateRedis
 from worker.app import running_worker
 from worker.dlq import DeadLetters
 from worker.messages import LLMResult, Status
 from worker.settings import load_settings
 
-FAST_RECONNECT = "?reconnect_interval=1"  # aio-pika's default is 5 s
 
-
-@pytest.fixture(scope="module")
-def rabbit() -> Iterator[PrivateRabbit]:
-    node = PrivateRabbit()
-    asyncio.run(node.start())
-    yield node
-    asyncio.run(node.destroy())
-
-
-@pytest.fixture
-def private_config(tmp_path, names, redis_url, fake):
-    def build(amqp_url: str, redis: str | None = None, bus=None, **llm):
-        return write_config(tmp_path / uuid.uuid4().hex[:6], names, amqp_url, redis or redis_url,
-                            llm_section(fake.base_url, **llm), bus)  # fmt: skip
-
-    return build
-
-
-class ReplyInbox:
-    """A durable reply queue on the private broker, read over a robust connection: replies
-    published before a broker restart are still there after it."""
-
-    def __init__(self, url: str, request_queue: str):
-        self.url, self.request_queue = url, request_queue
-        self.name = f"t.replies.{uuid.uuid4().hex[:8]}"
-        self.results: dict[str, LLMResult] = {}
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
-
-    async def __aenter__(self) -> ReplyInbox:
-        self._connection = await aio_pika.connect_robust(self.url + FAST_RECONNECT)
-        channel = await self._connection.channel()
-        self._queue = await channel.declare_queue(self.name, durable=True)
-        await self._queue.consume(self._on_reply, no_ack=True)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._connection is not None
-        await self._connection.close()
-
-    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.results[message.correlation_id or ""] = LLMResult.model_validate_json(message.body)
-
-    async def publish(self, bodies: list[dict]) -> None:
-        connection = await aio_pika.connect(self.url)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=True)
-            for body in bodies:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        json.dumps(body).encode(),
-                        correlation_id=body["request_id"],
-                        reply_to=self.name,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=self.request_queue,
-                )
-
-
-async def test_rabbitmq_restarted_under_load_resumes_and_answers_every_request(
-    rabbit, private_config, names, fake
-):
+async def test_rabbitmq_restarted_under_load_resumes_and_answers_every_request(rabbit, config, names, fake):
     fake.latency_s = 0.3
-    folder = private_config(rabbit.url + FAST_RECONNECT, bus={"prefetch": 8}, deadline_s=60, timeout=10)
+    folder = config(bus={"prefetch": 8}, amqp=rabbit.url + FAST_RECONNECT, deadline_s=60, timeout=10)
     settings = load_settings(folder, environ={})
     bodies = [request_body(f"through the restart {i}", use_cache=False) for i in range(60)]
     async with running_worker(settings) as worker, ReplyInbox(rabbit.url, names.request_queue) as inbox:
@@ -107,8 +46,8 @@ async def test_rabbitmq_restarted_under_load_resumes_and_answers_every_request(
     assert state.calls == 60 and state.reserved_usd == 0
 
 
-async def test_a_dropped_connection_is_reestablished(rabbit, private_config, names, fake):
-    settings = load_settings(private_config(rabbit.url + FAST_RECONNECT), environ={})
+async def test_a_dropped_connection_is_reestablished(rabbit, config, names, fake):
+    settings = load_settings(config(amqp=rabbit.url + FAST_RECONNECT), environ={})
     async with running_worker(settings) as worker:
         await asyncio.to_thread(rabbit.ctl, "close_all_connections", "test: network blip")
         await eventually(lambda: not worker.bus.connected, what="the worker to notice")
@@ -156,12 +95,12 @@ async def test_a_consumer_cancelled_by_the_broker_is_resubscribed(
 
 
 async def test_a_consumer_that_cannot_be_restored_makes_the_worker_exit_1(
-    rabbit, private_config, names, worker_processes
+    rabbit, config, names, worker_processes
 ):
     """The request queue is deleted and the worker may no longer declare it (its user lost the
     configure permission), so aio-pika's re-subscription keeps failing. Idling silently would
     look healthy; the worker exits 1 after ``consumer_recovery_s`` so the platform restarts it."""
-    folder = private_config(rabbit.url, bus={"consumer_recovery_s": 2})
+    folder = config(bus={"consumer_recovery_s": 2}, amqp=rabbit.url)
     worker = await WorkerProcess(folder, env={"AMQP_URL": rabbit.url + FAST_RECONNECT}).start()
     worker_processes.append(worker)
     admin = f"admin{uuid.uuid4().hex[:6]}"
@@ -185,11 +124,11 @@ async def test_a_consumer_that_cannot_be_restored_makes_the_worker_exit_1(
 
 
 async def test_a_redis_restart_fails_requests_meanwhile_to_the_dlq_and_service_resumes_by_itself(
-    private_config, amqp_url, names, fake
+    config, amqp_url, names, fake
 ):
     redis = await PrivateRedis().start()
     try:
-        settings = load_settings(private_config(amqp_url, redis=redis.url), environ={})
+        settings = load_settings(config(redis=redis.url), environ={})
         async with running_worker(settings), raw_peer(amqp_url, names.request_queue) as peer:
             await peer.publish(request_body("before"))
             await peer.wait_replies(1)
@@ -221,3 +160,55 @@ async def test_a_redis_restart_fails_requests_meanwhile_to_the_dlq_and_service_r
 
 async def _depth(url: str, queue: str, count: int) -> bool:
     return await queue_depth(url, queue) == count
+
+
+async def test_a_claim_an_outage_left_behind_does_not_block_the_replay(config, amqp_url, names, fake):
+    """A request claimed just before Redis goes down fails (LedgerUnavailable) and its claim on
+    the request_id cannot be released; a persistent Redis keeps that claim, which names this very
+    worker. The replay must take it over, not wait for itself until the deadline and fail again
+    (found by the fault suite, issue #9)."""
+    redis = await PrivateRedis(persistent=True).start()
+    try:
+        settings = load_settings(config(redis=redis.url, deadline_s=10), environ={})
+        body = request_body("claimed just before the outage", use_cache=False)
+        async with running_worker(settings) as worker, raw_peer(amqp_url, names.request_queue) as peer:
+            results = worker.pipeline.results
+            claim = await results.claim_or_wait(body["request_id"], ttl_s=70, wait_until=time.monotonic())
+            assert claim.owned
+            await redis.stop()
+            with pytest.raises(RedisError):
+                await results.release(body["request_id"], claim)
+            await redis.start()
+            await peer.publish(body)  # the replay from the dead-letter queue
+            [reply] = await peer.wait_replies(1, timeout_s=30)
+    finally:
+        await redis.destroy()
+    result = LLMResult.model_validate_json(reply.body)
+    assert result.status is Status.ok, result.error
+    assert fake.total_calls() == 1
+
+
+async def test_calls_in_flight_through_a_redis_outage_are_charged_when_it_is_back(
+    config, amqp_url, names, fake
+):
+    """The provider billed them while Redis was down: each answer waits for its charge (issue #9;
+    settling used to give up after ~1.5 s and answer uncharged, the reservation left held)."""
+    fake.latency_s = 1.0
+    redis = await PrivateRedis(persistent=True).start()
+    try:
+        settings = load_settings(config(redis=redis.url), environ={})
+        async with running_worker(settings), raw_peer(amqp_url, names.request_queue) as peer:
+            for i in range(3):
+                await peer.publish(request_body(f"in flight {i}", use_cache=False))
+            await fake.wait_until(lambda f: f.in_flight == 3)
+            await redis.stop()
+            await asyncio.sleep(3)  # an outage longer than the old settle retries
+            await redis.start()
+            await peer.wait_replies(3, timeout_s=30)
+        state = await day_state(settings)
+    finally:
+        await redis.destroy()
+    results = peer.results()
+    assert [r.status for r in results] == [Status.ok] * 3 and fake.total_calls() == 3
+    assert state.calls == 3 and state.reserved_usd == 0
+    assert state.spent_usd == pytest.approx(sum(r.cost_usd for r in results), abs=3e-6)

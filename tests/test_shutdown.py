@@ -13,23 +13,12 @@ import uuid
 
 import pytest
 
-from tests.conftest import WorkerProcess, deployment, llm_section, write_config
+from tests.conftest import WorkerProcess, deployment
 from tests.helpers import queue_depth, raw_peer, request_body
 from tests.ops import day_state, eventually
 from worker.app import running_worker
 from worker.messages import LLMResult, Status
 from worker.settings import load_settings
-
-
-@pytest.fixture
-def config(tmp_path, names, amqp_url, redis_url, fake):
-    """``config(bus={...}, **llm)`` -> a config folder for worker processes."""
-
-    def build(bus=None, **llm):
-        return write_config(tmp_path / uuid.uuid4().hex[:6], names, amqp_url, redis_url,
-                            llm_section(fake.base_url, **llm), bus)  # fmt: skip
-
-    return build
 
 
 def results(replies) -> dict[str, LLMResult]:

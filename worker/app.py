@@ -279,17 +279,18 @@ def build_pipeline(
         default_ttl_s=settings.llm.cache_ttl,
         namespace=settings.llm.cache_namespace,
     )
-    ledger = BudgetLedger(
-        redis,
-        prefix,
-        settings.llm.budget,
-        reservation_ttl_s=settings.llm.deadline_s + 60,
-        result_key=results.key,
-    )
     limits = PipelineLimits(
         deadline_s=settings.llm.deadline_s,
         result_ttl_s=settings.redis.result_ttl_s,
         max_body_bytes=settings.bus.max_body_bytes,
+    )
+    ledger = BudgetLedger(
+        redis,
+        prefix,
+        settings.llm.budget,
+        # a reservation lives through the call and then through the settle's retries
+        reservation_ttl_s=settings.llm.deadline_s + limits.settle_timeout_s,
+        result_key=results.key,
     )
     return Pipeline(llm, ledger, cache, results, limits)
 

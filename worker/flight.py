@@ -102,6 +102,7 @@ class SingleFlight:
 
     def __init__(self, redis: aioredis.Redis, prefix: str, worker_id: str):
         self.redis, self.prefix, self.worker_id = redis, prefix, worker_id
+        self._held: set[str] = set()  # tokens of the claims this process holds and works on
         self._claim = redis.register_script(_CLAIM)
         self._steal = redis.register_script(_STEAL)
         self._release = redis.register_script(_RELEASE)
@@ -111,6 +112,7 @@ class SingleFlight:
 
     async def release(self, key: str, claim: Claim[_T]) -> None:
         """Give up an owned claim (only ours: a claim taken over meanwhile is left alone)."""
+        self._held.discard(claim.token)  # done with it, even if Redis does not hear of it
         await self._release(keys=[self._key(key)], args=[claim.token])
 
     async def claim_or_wait(
@@ -136,21 +138,29 @@ class SingleFlight:
             if outcome == "found":
                 return Claim(owned=False, found=decode(value))
             if outcome == "owned":
-                return Claim(owned=True, token=token)
+                return self._owned(token)
             holder = _text(value)
             if holder and not await self._alive(holder):
                 if await self._steal(keys=[flight_key], args=[holder, token, ttl_ms]):
-                    return Claim(owned=True, token=token)
+                    return self._owned(token)
                 continue
             if time.monotonic() >= wait_until:
                 return Claim(owned=False, timed_out=True)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.1)
 
+    def _owned(self, token: str) -> Claim[_T]:
+        self._held.add(token)
+        return Claim(owned=True, token=token)
+
     async def _alive(self, holder: str) -> bool:
+        """Whether the claim's holder may still be working on it: its worker's heartbeat is alive.
+        A claim naming this worker is alive only while this process holds it: one whose release
+        could not reach Redis is left behind, and a persistent Redis keeps it past a restart
+        (issue #9: the replay of such a request waited for itself until its deadline)."""
         holder_id = holder.split("|", 1)[0]
         if holder_id == self.worker_id:
-            return True
+            return holder in self._held
         return bool(await self.redis.exists(f"{self.prefix}worker:{holder_id}"))
 
 

@@ -60,7 +60,10 @@ class PipelineLimits:
     result_ttl_s: int
     max_body_bytes: int
     cache_wait_s: float = 30.0
-    settle_attempts: int = 3
+    # How long a finished call keeps trying to record its cost in an unreachable ledger. The
+    # provider has billed it, so a Redis restart (seconds) is waited out, not the charge dropped;
+    # the reservation outlives the wait (app: reservation TTL = deadline_s + settle_timeout_s).
+    settle_timeout_s: float = 60.0
 
 
 class Pipeline:
@@ -286,7 +289,13 @@ class Pipeline:
         return outcome
 
     async def _settle(self, reservation: Reservation, completion: Completion, outcome: Outcome) -> None:
-        for attempt in range(self.limits.settle_attempts):
+        """Charge the call and store its answer, retrying an unreachable ledger for up to
+        ``settle_timeout_s``: the answer waits for its charge (issue #9: a Redis restart under
+        load used to leave every call in flight answered, uncharged and its reservation held)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.limits.settle_timeout_s
+        delay_s = 0.2
+        while True:
             try:
                 await self.ledger.settle(
                     reservation,
@@ -297,7 +306,10 @@ class Pipeline:
                 )
                 return
             except LedgerUnavailable:
-                await asyncio.sleep(0.2 * (attempt + 1))
+                if loop.time() + delay_s > give_up_at:
+                    break
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
         log.error(
             "ledger.settle_failed",
             request_id=reservation.request_id,
