@@ -32,10 +32,12 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aio_pika
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ from bench.sizing import (  # noqa: E402
     write_config,
 )
 from worker.client import LLMClient  # noqa: E402
-from worker.messages import Status  # noqa: E402
+from worker.messages import LLMResult, Status, Tokens  # noqa: E402
 
 SLOW_MS = 1000  # the slow provider
 LATENCY_MS = 50  # the provider of the latency and scaling sections
@@ -135,6 +137,68 @@ async def lanes(count: int, duration_s: float, call: Callable[[int], Awaitable[b
 
     await asyncio.gather(*(lane(i) for i in range(count)))
     return run
+
+
+async def open_loop(
+    client: LLMClient, rate: float, duration_s: float, model: str | None = None
+) -> dict[str, float]:
+    """One request every ``1 / rate`` s whatever the answers do; end-to-end ms by request_id."""
+    end_to_end: dict[str, float] = {}
+
+    async def one() -> None:
+        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        result = await client.complete(
+            f"latency {request_id}", agent="writer", model=model, use_cache=False, timeout_s=60,
+            request_id=request_id,
+        )  # fmt: skip
+        if result.status is Status.ok:
+            end_to_end[request_id] = 1000 * (time.monotonic() - started)
+
+    tasks = []
+    for _ in range(int(rate * duration_s)):
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(1 / rate)
+    await asyncio.gather(*tasks)
+    return end_to_end
+
+
+@contextlib.asynccontextmanager
+async def echo_service(amqp: str, queue: str) -> AsyncIterator[str]:
+    """The floor under the worker: a quorum queue like the worker's and a consumer that answers
+    every request at once with a fixed ok result (reply, then ack, as the worker does)."""
+    connection = await aio_pika.connect(amqp)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=256)
+        declared = await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+
+        async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            request = json.loads(message.body)
+            result = LLMResult(
+                request_id=request["request_id"],
+                trace_id=uuid.uuid4().hex,
+                agent=request["agent"],
+                status=Status.ok,
+                content="echo",
+                model="echo",
+                tokens=Tokens(prompt=1, completion=1, total=2),
+                cost_usd=0.0,
+                cached=False,
+                attempts=1,
+                fallback_used=False,
+                latency_ms=0.0,
+            )
+            reply = aio_pika.Message(result.model_dump_json().encode(), correlation_id=message.correlation_id)
+            await channel.default_exchange.publish(reply, routing_key=message.reply_to or "")
+            await message.ack()
+
+        tag = await declared.consume(answer)
+        try:
+            yield queue
+        finally:
+            await declared.cancel(tag)
+            await declared.delete(if_unused=False, if_empty=False)
 
 
 def via(client: LLMClient, model: str | None = None) -> Callable[[int], Awaitable[bool]]:
@@ -227,26 +291,16 @@ class Bench:
         model = f"slow{LATENCY_MS}"
         async with self.replicas(1, 256, on_line) as procs, self.client() as client:
             await warm(client, 50, model)
-            end_to_end: dict[str, float] = {}
             measure = Measure([procs[0].proc.pid])
-
-            async def one() -> None:
-                request_id = uuid.uuid4().hex
-                started = time.monotonic()
-                result = await client.complete(
-                    f"latency {request_id}", agent="writer", model=model, use_cache=False,
-                    timeout_s=60, request_id=request_id,
-                )  # fmt: skip
-                if result.status is Status.ok:
-                    end_to_end[request_id] = 1000 * (time.monotonic() - started)
-
-            tasks = []
-            for _ in range(int(rate * self.duration_s)):  # open loop: one request every 1/rate s
-                tasks.append(asyncio.create_task(one()))
-                await asyncio.sleep(1 / rate)
-            await asyncio.gather(*tasks)
+            end_to_end = await open_loop(client, rate, self.duration_s, model)
             run = measure.into(Run(ok=len(end_to_end)))
             await asyncio.sleep(0.5)  # the last request.done lines
+        async with (
+            echo_service(self.amqp, f"bench.{self.tag}.echo") as queue,
+            LLMClient(self.amqp, request_queue=queue) as client,
+        ):
+            await warm(client, 50)
+            floor = list((await open_loop(client, rate, self.duration_s)).values())
         added = [end_to_end[r] - provider_ms[r] for r in end_to_end if r in provider_ms]
         worker_part = [in_worker_ms[r] - provider_ms[r] for r in end_to_end if r in provider_ms]
         transit = [end_to_end[r] - in_worker_ms[r] for r in end_to_end if r in in_worker_ms]
@@ -259,6 +313,10 @@ class Bench:
         print(
             f"latency  added (end-to-end minus the worker's provider time): p50 {pct(added, 50):.1f} ms, "
             f"p99 {pct(added, 99):.1f} ms   (target p50 <= 5, p99 <= 25)"
+        )
+        print(
+            f"latency  the bus alone (the same client and queue type, a consumer that replies at once): "
+            f"p50 {pct(floor, 50):.1f} ms, p99 {pct(floor, 99):.1f} ms"
         )
         print(
             f"latency  of which in the worker outside the provider call: p50 {pct(worker_part, 50):.1f} ms, "

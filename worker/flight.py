@@ -112,8 +112,13 @@ class SingleFlight:
 
     async def release(self, key: str, claim: Claim[_T]) -> None:
         """Give up an owned claim (only ours: a claim taken over meanwhile is left alone)."""
-        self._held.discard(claim.token)  # done with it, even if Redis does not hear of it
+        self.forget(claim)  # done with it, even if Redis does not hear of it
         await self._release(keys=[self._key(key)], args=[claim.token])
+
+    def forget(self, claim: Claim[_T]) -> None:
+        """Done with a claim, leaving its key to expire: only for a key whose answer is stored,
+        since :data:`_CLAIM` reads the answer before it looks at the claim."""
+        self._held.discard(claim.token)
 
     async def claim_or_wait(
         self,

@@ -47,6 +47,7 @@ class Outcome:
     result: LLMResult
     dead_letter: bool = False
     provider_latency_ms: float = 0.0
+    stored: bool = False  # the answer is in the result store, where a duplicate will find it
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -108,10 +109,17 @@ class Pipeline:
                 "the same request_id is still being processed by another worker",
                 retryable=True,
             )
+        outcome: Outcome | None = None
         try:
-            return await self._serve(request, started, deadline)
+            outcome = await self._serve(request, started, deadline)
+            return outcome
         finally:
-            await _quietly(self.results.release(request.request_id, claim))
+            if outcome is not None and outcome.stored:
+                # A duplicate reads the stored answer before looking at the claim, which expires by
+                # itself: no Redis round trip between the answer and its reply.
+                self.results.forget(claim)
+            else:
+                await _quietly(self.results.release(request.request_id, claim))
 
     # -- parse ---------------------------------------------------------------------------------
 
@@ -214,6 +222,8 @@ class Pipeline:
             )
         except LedgerUnavailable as exc:  # a hit costs nothing: answering it cannot overspend
             log.warning("ledger.cache_hit_not_recorded", request_id=request.request_id, error=str(exc))
+        else:
+            outcome.stored = True
         return outcome
 
     async def _call(
@@ -304,6 +314,7 @@ class Pipeline:
                     result_json=outcome.result.model_dump_json(),
                     result_ttl_s=self.limits.result_ttl_s,
                 )
+                outcome.stored = True
                 return
             except LedgerUnavailable:
                 if loop.time() + delay_s > give_up_at:

@@ -31,3 +31,7 @@ class ResultStore:
 
     async def release(self, request_id: str, claim: Claim[LLMResult]) -> None:
         await self.flight.release(f"req:{request_id}", claim)
+
+    def forget(self, claim: Claim[LLMResult]) -> None:
+        """Done with a claim whose answer is stored: it is left to expire in Redis."""
+        self.flight.forget(claim)
