@@ -13,9 +13,10 @@ ratio    one worker's throughput vs raw ``litellm.acompletion`` calls from one p
          the same concurrency against the zero-latency fake
 latency  added latency at a steady open-loop load: the client's end-to-end time minus the time
          the worker spent in the provider call (its ``request.done`` line), p50 and p99
-slow     a provider answering in 1 s: requests/s and calls held in flight by one worker, the
-         fake's peak of concurrent calls (a saturated HTTP pool would hold it below the worker's),
-         and the worker's memory with them in flight
+slow     a provider answering in 1 s: requests/s and calls held in flight by one worker, and
+         the fake's peak of concurrent calls (a saturated HTTP pool would hold it below the worker's)
+memory   the same with a provider answering in 10 s, so that one worker holds 500 calls at once:
+         its resident memory idle and with them in flight
 scaling  two and four replicas vs one, same provider latency and load per replica
 start-up is measured on every worker started: spawn to its ``worker.ready`` line.
 """
@@ -56,6 +57,7 @@ from worker.client import LLMClient  # noqa: E402
 from worker.messages import LLMResult, Status, Tokens  # noqa: E402
 
 SLOW_MS = 1000  # the slow provider
+MEMORY_MS = 10_000  # slow enough that one worker holds --slow-in-flight calls at once
 LATENCY_MS = 50  # the provider of the latency and scaling sections
 
 
@@ -232,7 +234,7 @@ class Bench:
     def config(self, prefetch: int) -> Path:
         return write_config(
             self.folder / f"p{prefetch}", self.tag, self.base_url, prefetch, self.amqp, self.redis,
-            slow_ms=(LATENCY_MS, SLOW_MS),
+            slow_ms=(LATENCY_MS, SLOW_MS, MEMORY_MS),
         )  # fmt: skip
 
     @contextlib.asynccontextmanager
@@ -329,21 +331,21 @@ class Bench:
             f"fake's {LATENCY_MS} ms: p50 {pct(beyond_fake, 50):.1f} ms, p99 {pct(beyond_fake, 99):.1f} ms"
         )
 
-    async def slow(self, in_flight: int) -> None:
-        model = f"slow{SLOW_MS}"
+    async def slow(self, in_flight: int, provider_ms: int, section: str) -> None:
+        """``in_flight`` closed-loop lanes against a provider answering after ``provider_ms``."""
+        model = f"slow{provider_ms}"
         async with self.replicas(1, in_flight) as procs, self.client() as client:
             worker = procs[0]
             await warm(client, 50, model)
+            idle_rss = memory_mib(worker.proc.pid)[0]
             http_json(self.base_url.removesuffix("/v1") + "/reset", b"")
-            samples: list[float] = []
-            rss: list[float] = []
+            samples: list[tuple[float, float]] = []  # (calls in flight, RSS MiB)
 
             async def sample() -> None:
                 while True:
                     await asyncio.sleep(0.5)
                     gauge = await asyncio.to_thread(scrape_gauge, worker.http_port, "llm_worker_in_flight")
-                    samples.append(gauge)
-                    rss.append(memory_mib(worker.proc.pid)[0])
+                    samples.append((gauge, memory_mib(worker.proc.pid)[0]))
 
             sampler = asyncio.create_task(sample())
             measure = Measure([worker.proc.pid])
@@ -351,20 +353,22 @@ class Bench:
             sampler.cancel()
             peak_rss = memory_mib(worker.proc.pid)[1]
             peak_at_fake = http_json(self.base_url.removesuffix("/v1") + "/stats")["max_in_flight"]
-        steady = samples[2:-2] or samples
+        held = [n for n, _ in samples[2:-2] or samples]
+        most, rss_then = max(samples)
+        label = f"{section:8s} provider {provider_ms} ms"
         print(
-            f"slow     provider {SLOW_MS} ms, one worker, prefetch {in_flight}, {in_flight} lanes: "
-            f"{run.rate:6.1f} req/s   (target >= 200), latency p50 {pct(run.latencies_ms, 50):.0f} ms "
-            f"p99 {pct(run.latencies_ms, 99):.0f} ms, failed {run.failed}"
+            f"{label}, one worker, prefetch {in_flight}, {in_flight} lanes: {run.rate:6.1f} req/s, "
+            f"latency p50 {pct(run.latencies_ms, 50):.0f} ms p99 {pct(run.latencies_ms, 99):.0f} ms, "
+            f"failed {run.failed}"
+        )
+        cpu_pct = 100 * run.worker_cpu_s[0] / run.wall_s
+        print(
+            f"{label}: in flight in the worker mean {statistics.fmean(held):.0f}, max {most:.0f}; peak "
+            f"concurrent calls at the provider {peak_at_fake}; worker CPU {cpu_pct:.0f} % "
+            f"({run.cpu_ms_per_request():.2f} ms/request), {run.others()}"
         )
         print(
-            f"slow     in flight in the worker: mean {statistics.fmean(steady):.0f}, max {max(samples):.0f}; "
-            f"peak concurrent calls at the provider {peak_at_fake}; worker CPU "
-            f"{100 * run.worker_cpu_s[0] / run.wall_s:.0f} % ({run.cpu_ms_per_request():.2f} ms/request), "
-            f"{run.others()}"
-        )
-        print(
-            f"slow     worker RSS with ~{statistics.fmean(steady):.0f} in flight: {max(rss):.0f} MiB "
+            f"{label}: worker RSS {idle_rss:.0f} MiB idle, {rss_then:.0f} MiB with {most:.0f} in flight "
             f"(peak {peak_rss:.0f} MiB)"
         )
 
@@ -393,7 +397,7 @@ async def main(args: argparse.Namespace) -> None:
         f"# {args.duration_s:g} s per measured window; cache off, distinct prompts: every request is a "
         "provider call"
     )
-    sections = args.only.split(",") if args.only else ["ratio", "latency", "slow", "scaling"]
+    sections = args.only.split(",") if args.only else ["ratio", "latency", "slow", "memory", "scaling"]
     async with services(0) as env:
         bench = Bench(env.amqp, env.redis, env.base_url, env.tag, env.folder, args.duration_s)
         for section in sections:
@@ -401,12 +405,14 @@ async def main(args: argparse.Namespace) -> None:
                 await bench.ratio(args.concurrency)
             elif section == "latency":
                 await bench.latency(args.rate)
-            elif section == "slow":
-                await bench.slow(args.slow_in_flight)
+            elif section == "slow":  # target: >= 200 req/s from one worker
+                await bench.slow(args.slow_in_flight, SLOW_MS, section)
+            elif section == "memory":  # a provider slow enough for one worker to hold them all
+                await bench.slow(args.slow_in_flight, MEMORY_MS, section)
             elif section == "scaling":
                 await bench.scaling(args.per_replica, (1, 2, 4))
             else:
-                raise SystemExit(f"unknown section {section!r}: ratio, latency, slow, scaling")
+                raise SystemExit(f"unknown section {section!r}: ratio, latency, slow, memory, scaling")
             sys.stdout.flush()
         starts = sorted(bench.started)
         print(
