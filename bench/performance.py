@@ -1,7 +1,7 @@
 """How fast the worker is, as ratios within one run against one local fake provider (issue #9).
 
     .venv/bin/python bench/performance.py                 # every figure of the README (about 4 minutes)
-    .venv/bin/python bench/performance.py --only slow     # one section: ratio, latency, slow, scaling
+    .venv/bin/python bench/performance.py --only slow     # one section: ratio, latency, slow, memory, scaling
 
 The fake OpenAI server runs as its own process; workers are real ``python -m worker run``
 processes (what the image runs) on private queues and Redis keys of the shared RabbitMQ and
@@ -17,7 +17,8 @@ slow     a provider answering in 1 s: requests/s and calls held in flight by one
          the fake's peak of concurrent calls (a saturated HTTP pool would hold it below the worker's)
 memory   the same with a provider answering in 10 s, so that one worker holds 500 calls at once:
          its resident memory idle and with them in flight
-scaling  two and four replicas vs one, same provider latency and load per replica
+scaling  two and four replicas vs one, each kept full (``--per-replica`` in flight = its prefetch),
+         with the 50 ms provider (CPU-bound) and the 1 s one (prefetch-bound)
 start-up is measured on every worker started: spawn to its ``worker.ready`` line.
 """
 
@@ -58,7 +59,7 @@ from worker.messages import LLMResult, Status, Tokens  # noqa: E402
 
 SLOW_MS = 1000  # the slow provider
 MEMORY_MS = 10_000  # slow enough that one worker holds --slow-in-flight calls at once
-LATENCY_MS = 50  # the provider of the latency and scaling sections
+LATENCY_MS = 50  # the provider of the latency section and the CPU-bound scaling
 
 
 def pct(values: list[float], q: float) -> float:
@@ -372,8 +373,10 @@ class Bench:
             f"(peak {peak_rss:.0f} MiB)"
         )
 
-    async def scaling(self, per_replica: int, counts: tuple[int, ...]) -> None:
-        model = f"slow{LATENCY_MS}"
+    async def scaling(self, per_replica: int, counts: tuple[int, ...], provider_ms: int) -> None:
+        """Replicas of prefetch ``per_replica``, each kept full: the CPU-bound case with a fast
+        provider, the prefetch-bound case (usual for LLM calls) with a slow one."""
+        model = f"slow{provider_ms}"
         rates: dict[int, Run] = {}
         for count in counts:
             async with self.replicas(count, per_replica) as procs, self.client() as client:
@@ -384,7 +387,7 @@ class Bench:
         base = rates[counts[0]].rate
         for count, run in rates.items():
             print(
-                f"scaling  {count} replica(s), {per_replica * count} in flight, provider {LATENCY_MS} ms: "
+                f"scaling  {count} replica(s), {per_replica * count} in flight, provider {provider_ms} ms: "
                 f"{run.rate:6.1f} req/s, x{run.rate / base:.2f} vs {counts[0]}, "
                 f"{run.cpu_ms_per_request():.2f} ms CPU/request, {run.others()}, "
                 f"p50 {pct(run.latencies_ms, 50):.0f} ms"
@@ -410,7 +413,8 @@ async def main(args: argparse.Namespace) -> None:
             elif section == "memory":  # a provider slow enough for one worker to hold them all
                 await bench.slow(args.slow_in_flight, MEMORY_MS, section)
             elif section == "scaling":
-                await bench.scaling(args.per_replica, (1, 2, 4))
+                await bench.scaling(args.per_replica, (1, 2, 4), LATENCY_MS)
+                await bench.scaling(args.per_replica, (1, 2, 4), SLOW_MS)
             else:
                 raise SystemExit(f"unknown section {section!r}: ratio, latency, slow, memory, scaling")
             sys.stdout.flush()
