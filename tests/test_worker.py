@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import AGENTS, deployment
+from tests.conftest import AGENTS, WorkerProcess, deployment
 from tests.helpers import drain_queue, raw_peer, request_body
 from worker.client import LLMTimeout
-from worker.messages import LLMRequest, Status
+from worker.messages import LLMRequest, LLMResult, Status
 
 
 @pytest.mark.parametrize("agent", AGENTS)
@@ -384,3 +384,18 @@ async def test_a_cooled_down_model_without_fallback_fails_retryable(
     assert first.error is not None and not first.error.retryable  # litellm reports this 404 as BadRequest
     assert second.error is not None and second.error.type == "NoHealthyDeployment" and second.error.retryable
     assert fake.calls["e404"] == 1
+
+
+async def test_the_worker_process_freezes_its_start_up_heap_and_still_answers(
+    config, amqp_url, names, fake, worker_processes
+):
+    """`python -m worker run` moves litellm's ~300,000 start-up objects out of the garbage
+    collector's reach before consuming (full collections stop walking them)."""
+    worker = await WorkerProcess(config()).start()
+    worker_processes.append(worker)
+    [ready] = worker.events("worker.ready")
+    assert ready["frozen_objects"] > 100_000
+    async with raw_peer(amqp_url, names.request_queue) as peer:
+        await peer.publish(request_body("after the freeze", use_cache=False))
+        [reply] = await peer.wait_replies(1)
+    assert LLMResult.model_validate_json(reply.body).status is Status.ok

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -296,8 +297,16 @@ def build_pipeline(
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, *, worker_id: str | None = None) -> AsyncIterator[Worker]:
-    """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order."""
+async def running_worker(
+    settings: Settings, *, worker_id: str | None = None, freeze_heap: bool = False
+) -> AsyncIterator[Worker]:
+    """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order.
+
+    ``freeze_heap`` (for the process that runs only this worker): once built, move every object
+    alive to the garbage collector's permanent generation. litellm's import leaves ~300,000 of
+    them, which each full collection walked again: measured with a 64-in-flight load, full
+    collections went from 92 to 58 ms each and worker CPU per request fell 5-8 % (bench/).
+    """
     worker_id = worker_id or new_worker_id()
     started = time.monotonic()
     metrics = Metrics(agents={*settings.llm.agent_models, *settings.llm.budget.max_cost_per_agent_day})
@@ -326,6 +335,9 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
         metrics.in_flight.set_function(lambda: len(worker.in_flight))
         http.ready = lambda: {"connected": bus.connected, "consuming": bus.consuming}
         http.before_scrape = lambda: metrics.read_ledger(pipeline.ledger)
+        if freeze_heap:
+            gc.collect()
+            gc.freeze()
         await bus.start_consuming(worker.on_message)
         log.info(
             "worker.ready",
@@ -342,6 +354,7 @@ async def running_worker(settings: Settings, *, worker_id: str | None = None) ->
             http=f"http://{settings.observe.host}:{http_port}/metrics",
             http_port=http_port,
             startup_s=round(time.monotonic() - started, 3),
+            frozen_objects=gc.get_freeze_count(),
         )
         try:
             yield worker
@@ -367,7 +380,7 @@ async def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    async with running_worker(settings) as worker:
+    async with running_worker(settings, freeze_heap=True) as worker:
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(worker.bus.consumer_lost.wait())}
         _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
