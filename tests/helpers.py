@@ -107,16 +107,18 @@ async def raw_peer(amqp_url: str, request_queue: str) -> AsyncIterator[RawPeer]:
         yield peer
 
 
-async def drain_queue(amqp_url: str, queue: str) -> list[AbstractIncomingMessage]:
-    """Every message now in ``queue`` (acked: the queue is empty afterwards)."""
+async def drain_queue(amqp_url: str, queue: str, *, keep: bool = False) -> list[AbstractIncomingMessage]:
+    """Every message now in ``queue``: acked, so the queue is empty afterwards, or with ``keep``
+    requeued, so it is left in place (all are held unacked first: ``get`` never sees one twice)."""
     messages = []
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
         q = await channel.declare_queue(queue, passive=True)
         while (message := await q.get(fail=False)) is not None:
-            await message.ack()
             messages.append(message)
+        for message in messages:
+            await (message.nack(requeue=True) if keep else message.ack())
     return messages
 
 

@@ -59,20 +59,6 @@ async def declare_topology(settings: Settings) -> None:
     await bus.close()
 
 
-async def peek_queue(amqp_url: str, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Every message now in ``queue``, left in place (taken unacked, requeued on close)."""
-    messages = []
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        q = await channel.declare_queue(queue, passive=True)
-        while (message := await q.get(fail=False)) is not None:
-            messages.append(message)
-        for message in messages:
-            await message.nack(requeue=True)
-    return messages
-
-
 async def publish_dead_letters(
     settings: Settings, count: int, *, reason: str = "ServerError", agent: str = "writer", **headers: Any
 ) -> list[dict[str, Any]]:

@@ -15,7 +15,6 @@ from tests.ops import (
     body_of,
     declare_topology,
     eventually,
-    peek_queue,
     publish_dead_letters,
     run_cli,
     take_all,
@@ -74,7 +73,7 @@ async def test_every_dead_letter_says_why_and_list_shows_them(
         ("delivery_limit", "critic", "kills-1"),
     }
 
-    messages = {m.correlation_id: m for m in await peek_queue(amqp_url, names.dead_letter_queue)}
+    messages = {m.correlation_id: m for m in await drain_queue(amqp_url, names.dead_letter_queue, keep=True)}
     assert messages["bad-json"].body == b"{not json"  # the body is kept as it arrived
     assert messages["bad-json"].headers["x-dlq-message"].startswith("body: not valid JSON")
     failed = messages["fails-1"].headers

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import WorkerProcess, deployment, llm_section, write_config
-from tests.helpers import queue_depth, raw_peer, request_body
-from tests.ops import eventually, peek_queue, run_cli
+from tests.helpers import drain_queue, queue_depth, raw_peer, request_body
+from tests.ops import eventually, run_cli
 from worker.app import running_worker
 from worker.messages import LLMRequest, LLMResult, Status
 from worker.pipeline import Delivery, Outcome, Pipeline, PipelineLimits
@@ -159,7 +159,7 @@ async def test_a_fuzzed_stream_of_malformed_messages_never_stalls_the_worker(
             assert error.message.startswith(expected), (seed, error.message)
         elif reply:  # damaged: invalid, or still a valid request by chance
             assert answered[cid].status in (Status.invalid, Status.ok), f"seed {seed}"
-    dead = await peek_queue(amqp_url, names.dead_letter_queue)
+    dead = await drain_queue(amqp_url, names.dead_letter_queue, keep=True)
     assert {m.correlation_id for m in dead} == invalid | silent_bad, f"seed {seed}"
     assert all(m.headers["x-dlq-reason"] == "InvalidRequest" for m in dead)
     assert all(m.body == sent[m.correlation_id][0] for m in dead)  # kept byte for byte
@@ -206,7 +206,7 @@ async def test_a_request_that_crashes_the_pipeline_is_retried_then_dead_lettered
 
     assert peer_result(reply).status is Status.ok  # the worker kept serving
     assert len(deliveries) == 3  # first delivery + delivery_limit redeliveries, then no more
-    [dead] = await peek_queue(amqp_url, names.dead_letter_queue)
+    [dead] = await drain_queue(amqp_url, names.dead_letter_queue, keep=True)
     assert dead.body == json.dumps(crash).encode()
     assert dead.headers["x-dlq-reason"] == "WorkerCrashed"
     assert dead.headers["x-dlq-message"] == "RuntimeError: simulated bug in the pipeline"
@@ -257,7 +257,7 @@ async def test_a_message_that_keeps_killing_workers_is_dead_lettered_by_the_brok
     assert peer_result(reply).status is Status.ok
     assert await queue_depth(amqp_url, names.request_queue) == 0  # no third worker was given the poison
     assert fake.calls["slow3000"] <= 2
-    [dead] = await peek_queue(amqp_url, names.dead_letter_queue)
+    [dead] = await drain_queue(amqp_url, names.dead_letter_queue, keep=True)
     assert dead.body == json.dumps(poison).encode()
     assert dead.headers["x-first-death-reason"] == "delivery_limit"
     listing = await run_cli(config, "dlq", "list")
