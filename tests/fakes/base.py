@@ -30,6 +30,20 @@ from multidict import CIMultiDict
 TEST_KEY = "test-key-not-a-real-credential-0123456789"
 
 
+async def listen(app: web.Application, port: int = 0, *, backlog: int = 128) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1 (``port`` 0: any free one); the runner and the port it got.
+
+    ``handler_cancellation``: a hung answer ends when its client leaves, not 60 s into the stop.
+    """
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=backlog)
+    await site.start()
+    server = site._server
+    assert server is not None
+    return runner, server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 @dataclass(frozen=True)
 class Received:
     """One HTTP request as the fake saw it."""
@@ -85,13 +99,7 @@ class ProviderFake:
     async def start(self) -> ProviderFake:
         app = web.Application()
         app.add_routes(self.routes())
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await listen(app)
         return self
 
     async def stop(self) -> None:

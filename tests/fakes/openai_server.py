@@ -37,6 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import listen
+
 _STATUS = re.compile(r"^e(\d{3})$")
 _SLOW = re.compile(r"^slow(\d+)$")
 _FLAKY = re.compile(r"^(flaky|ratelimit)(\d+)$")
@@ -77,14 +79,7 @@ class FakeOpenAI:
         return app
 
     async def start(self, port: int = 0) -> FakeOpenAI:
-        # handler_cancellation: a hung answer ends when its client leaves, not after 60 s at stop
-        self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, backlog=4096)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await listen(self.app(), port, backlog=4096)
         return self
 
     async def stop(self) -> None:
