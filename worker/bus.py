@@ -260,24 +260,18 @@ class Bus:
     async def dead_letter(self, message: AbstractIncomingMessage, reason: dict[str, Any]) -> None:
         """Copy ``message`` to the dead-letter exchange with ``reason`` in ``x-dlq-*`` headers.
 
-        The copy keeps the body and the properties a replay needs (reply_to, correlation_id,
-        message_id). Raises when the broker does not confirm, so the caller does not ack.
+        The copy keeps the body and the properties (:func:`persistent_copy`), so that a replay
+        sends the request as it came. Raises when the broker does not confirm, so the caller does
+        not ack.
         """
         assert self._dlx is not None
         headers = {k: v for k, v in (message.headers or {}).items() if not str(k).startswith("x-dlq-")}
         headers.update({f"x-dlq-{k}": v for k, v in reason.items() if v is not None})
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-            message_id=message.message_id,
-            reply_to=message.reply_to,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=datetime.now(UTC),
-        )
         confirm = await self._dlx.publish(
-            copy, routing_key=self.settings.request_queue, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            persistent_copy(message, headers),
+            routing_key=self.settings.request_queue,
+            mandatory=True,
+            timeout=PUBLISH_TIMEOUT_S,
         )
         if _returned(confirm):
             raise RuntimeError(
@@ -289,3 +283,21 @@ class Bus:
 def _returned(confirm: object) -> bool:
     """aio-pika returns the message itself (not an Ack frame) when a mandatory publish was unroutable."""
     return isinstance(confirm, aiormq.abc.DeliveredMessage)
+
+
+def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """``message`` to publish again (a dead letter, a replay): its body and properties, persistent,
+    stamped now, with ``headers`` instead of its own."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        reply_to=message.reply_to,
+        type=message.type,
+        priority=message.priority,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        timestamp=datetime.now(UTC),
+    )

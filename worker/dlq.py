@@ -33,6 +33,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from worker.bus import persistent_copy
 from worker.errors import WorkerError
 from worker.settings import BusSettings, redact_url
 
@@ -145,20 +146,7 @@ class DeadLetter:
                 "x-replay-run": run_id,
             }
         )
-        m = self.message
-        return aio_pika.Message(
-            body=m.body,
-            headers=headers,
-            content_type=m.content_type,
-            content_encoding=m.content_encoding,
-            correlation_id=m.correlation_id,
-            message_id=m.message_id,
-            reply_to=m.reply_to,
-            type=m.type,
-            priority=m.priority,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            timestamp=datetime.now(UTC),
-        )
+        return persistent_copy(self.message, headers)
 
 
 @dataclass
