@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
 from bench.sizing import (  # noqa: E402
+    Loop,
     cpu_seconds,
+    lanes,
     machine_busy_seconds,
     memory_mib,
     services,
@@ -82,15 +84,11 @@ def scrape_gauge(port: int, name: str) -> float:
 
 
 @dataclass
-class Run:
-    """One measured window: requests answered ok, wall time, and CPU of the processes involved."""
+class Run(Loop):
+    """One measured window: the lanes' answers, and the CPU of the processes involved."""
 
-    ok: int = 0
-    failed: int = 0
-    wall_s: float = 0.0
     worker_cpu_s: list[float] = field(default_factory=list)
     busy_pct: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -122,24 +120,6 @@ class Measure:
         run.worker_cpu_s = [cpu_seconds(pid) - c for pid, c in zip(self.pids, self.cpu0, strict=True)]
         run.busy_pct = 100 * (machine_busy_seconds() - self.busy0) / run.wall_s / (os.cpu_count() or 1)
         return run
-
-
-async def lanes(count: int, duration_s: float, call: Callable[[int], Awaitable[bool]]) -> Run:
-    """``count`` closed-loop lanes calling ``call`` until ``duration_s`` has passed."""
-    run = Run()
-    stop_at = time.monotonic() + duration_s
-
-    async def lane(lane_id: int) -> None:
-        while time.monotonic() < stop_at:
-            started = time.monotonic()
-            if await call(lane_id):
-                run.ok += 1
-                run.latencies_ms.append(1000 * (time.monotonic() - started))
-            else:
-                run.failed += 1
-
-    await asyncio.gather(*(lane(i) for i in range(count)))
-    return run
 
 
 async def open_loop(
@@ -264,13 +244,13 @@ class Bench:
             )
             return True
 
-        await lanes(concurrency, 3, raw)  # warm-up: imports, the HTTP pool
+        await lanes(concurrency, 3, raw, Loop())  # warm-up: imports, the HTTP pool
         measure = Measure([os.getpid()])
-        direct = measure.into(await lanes(concurrency, self.duration_s, raw))
+        direct = measure.into(await lanes(concurrency, self.duration_s, raw, Run()))
         async with self.replicas(1, concurrency) as procs, self.client() as client:
             await warm(client, 100)
             measure = Measure([procs[0].proc.pid])
-            served = measure.into(await lanes(concurrency, self.duration_s, via(client)))
+            served = measure.into(await lanes(concurrency, self.duration_s, via(client), Run()))
         print(
             f"ratio    raw litellm.acompletion, 1 process, {concurrency} concurrent: "
             f"{direct.rate:7.1f} req/s, {direct.cpu_ms_per_request():.2f} ms CPU/call, {direct.others()}"
@@ -296,7 +276,7 @@ class Bench:
             await warm(client, 50, model)
             measure = Measure([procs[0].proc.pid])
             end_to_end = await open_loop(client, rate, self.duration_s, model)
-            run = measure.into(Run(ok=len(end_to_end)))
+            run = measure.into(Run(latencies_ms=list(end_to_end.values())))
             await asyncio.sleep(0.5)  # the last request.done lines
         async with (
             echo_service(self.amqp, f"bench.{self.tag}.echo") as queue,
@@ -350,7 +330,7 @@ class Bench:
 
             sampler = asyncio.create_task(sample())
             measure = Measure([worker.proc.pid])
-            run = measure.into(await lanes(in_flight, self.duration_s, via(client, model)))
+            run = measure.into(await lanes(in_flight, self.duration_s, via(client, model), Run()))
             sampler.cancel()
             peak_rss = memory_mib(worker.proc.pid)[1]
             peak_at_fake = http_json(self.base_url.removesuffix("/v1") + "/stats")["max_in_flight"]
@@ -382,7 +362,7 @@ class Bench:
             async with self.replicas(count, per_replica) as procs, self.client() as client:
                 await warm(client, 50 * count, model)
                 measure = Measure([p.proc.pid for p in procs])
-                run = await lanes(per_replica * count, self.duration_s, via(client, model))
+                run = await lanes(per_replica * count, self.duration_s, via(client, model), Run())
                 rates[count] = measure.into(run)
         base = rates[counts[0]].rate
         for count, run in rates.items():

@@ -27,10 +27,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -269,32 +269,51 @@ class Figures:
         )
 
 
-async def closed_loop(client: LLMClient, in_flight: int, duration_s: float) -> tuple[list[float], int, float]:
-    """``in_flight`` lanes, each sending its next request as soon as its reply arrives."""
-    latencies: list[float] = []
-    failed = 0
+@dataclass
+class Loop:
+    """What closed-loop lanes did: the latency of each ok answer, the failures, the wall time."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    failed: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return len(self.latencies_ms)
+
+
+L = TypeVar("L", bound=Loop)
+
+
+async def lanes(count: int, duration_s: float, call: Callable[[int], Awaitable[bool]], into: L) -> L:
+    """``count`` lanes, each calling ``call(lane)`` again as soon as it returns (True: an ok
+    answer), until ``duration_s`` has passed; counted into ``into``."""
     stop_at = time.monotonic() + duration_s
 
     async def lane(lane_id: int) -> None:
-        nonlocal failed
-        n = 0
         while time.monotonic() < stop_at:
-            n += 1
             started = time.monotonic()
-            result = await client.complete(
-                f"sizing lane {lane_id} call {n} {uuid.uuid4().hex}",
-                agent="writer",
-                use_cache=False,
-                timeout_s=120,
-            )
-            if result.status is Status.ok:
-                latencies.append(1000 * (time.monotonic() - started))
+            if await call(lane_id):
+                into.latencies_ms.append(1000 * (time.monotonic() - started))
             else:
-                failed += 1
+                into.failed += 1
 
     started = time.monotonic()
-    await asyncio.gather(*(lane(i) for i in range(in_flight)))
-    return latencies, failed, time.monotonic() - started
+    await asyncio.gather(*(lane(i) for i in range(count)))
+    into.wall_s = time.monotonic() - started
+    return into
+
+
+async def closed_loop(client: LLMClient, in_flight: int, duration_s: float) -> Loop:
+    """``in_flight`` lanes of requests through ``client``, each sent as soon as the last is answered."""
+
+    async def call(lane_id: int) -> bool:
+        result = await client.complete(
+            f"sizing lane {lane_id} {uuid.uuid4().hex}", agent="writer", use_cache=False, timeout_s=120
+        )
+        return result.status is Status.ok
+
+    return await lanes(in_flight, duration_s, call, Loop())
 
 
 @contextlib.asynccontextmanager
@@ -327,7 +346,8 @@ async def scenario(
         cpu0 = [cpu_seconds(pid) for pid in pids]
         fake0, busy0 = cpu_seconds(fake_pid), machine_busy_seconds()
         gen0, t0 = time.process_time(), time.monotonic()
-        latencies, failed, wall = await closed_loop(client, in_flight, duration_s)
+        loop = await closed_loop(client, in_flight, duration_s)
+        latencies, failed, wall = loop.latencies_ms, loop.failed, loop.wall_s
         elapsed = time.monotonic() - t0
         cpu_pct = [100 * (cpu_seconds(pid) - c0) / elapsed for pid, c0 in zip(pids, cpu0, strict=True)]
         memory = [memory_mib(pid) for pid in pids]
