@@ -4,7 +4,10 @@
 
 Compares, in the same run, with the naive after-the-fact counter most gateways use (one
 INCRBYFLOAT per call after the provider answered), which cannot stop an overrun. Figures are
-wall time per request (latency added to each request) and requests per second through the ledger.
+wall time per request (latency added to each request) and requests per second through the ledger,
+and Redis's own CPU time per ledger step (``INFO commandstats``, ``evalsha``): Redis runs scripts
+on one core, so 1 s / that time is how many steps one Redis, or one Redis Cluster slot, can take
+(README, "Running on a cluster").
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis.asyncio as aioredis
 
 from bench.machine import describe
-from worker.ledger import BudgetLedger
 from worker.settings import Budget
+from worker.state.ledger import BudgetLedger, to_nano
 
 
 async def run(redis_url: str, requests: int, concurrency: int) -> None:
@@ -34,8 +37,10 @@ async def run(redis_url: str, requests: int, concurrency: int) -> None:
 
     async def reserve_settle(i: int) -> float:
         started = time.perf_counter()
-        reservation = await ledger.reserve(f"r{i}", 0.002, ledger.scopes("writer", f"task-{i % 50}"))
-        await ledger.settle(reservation, cost_usd=0.0013, model="gpt-4.1-mini", result_json=result_json)
+        reservation = await ledger.reserve(f"r{i}", to_nano(0.002), ledger.scopes("writer", f"task-{i % 50}"))
+        await ledger.settle(
+            reservation, cost_nano=to_nano(0.0013), model="gpt-4.1-mini", result_json=result_json
+        )
         return time.perf_counter() - started
 
     async def naive(i: int) -> float:
@@ -43,6 +48,7 @@ async def run(redis_url: str, requests: int, concurrency: int) -> None:
         await client.incrbyfloat(f"{prefix}naive:task-{i % 50}", 0.0013)
         return time.perf_counter() - started
 
+    await client.config_resetstat()
     print(describe())
     print(
         f"# {requests} requests, concurrency 1 and {concurrency}; 3 scopes per request (task, agent-day, day)"
@@ -66,11 +72,25 @@ async def run(redis_url: str, requests: int, concurrency: int) -> None:
                 f"{name:24s} sequential p50 {p50 * 1e6:7.0f} us  p99 {p99 * 1e6:7.0f} us   "
                 f"concurrent {rate:8.0f} req/s"
             )
+        stats = await client.info("commandstats")
+        evalsha = stats.get("cmdstat_evalsha", {})
+        if evalsha:
+            per_step = float(evalsha["usec_per_call"])
+            print(
+                f"redis CPU per ledger step (reserve or settle, 3 scopes) {per_step:.1f} us over "
+                f"{evalsha['calls']} steps: one Redis core takes {1e6 / per_step:,.0f} steps/s = "
+                f"{1e6 / per_step / 2:,.0f} requests/s (reserve + settle)"
+            )
     finally:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-        for i in range(0, len(keys), 500):
-            await client.delete(*keys[i : i + 500])
-        await client.aclose()
+        await close(client, prefix)
+
+
+async def close(client: aioredis.Redis, prefix: str) -> None:
+    """Delete the run's keys (under ``prefix``), then close ``client``."""
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await client.delete(*keys[i : i + 500])
+    await client.aclose()
 
 
 def main() -> None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -96,6 +97,24 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
         print(f"{name:28s} {rate:7.1f} req/s   cpu/call {cpu:5.2f} ms   cpu vs router {cpu / base:4.2f}")
 
 
+@contextlib.contextmanager
+def fake_provider(port: int) -> Iterator[None]:
+    """The fake OpenAI server in its own process on ``port``, from its first line to the end."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # "listening on ..."
+        yield
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,19 +124,8 @@ def cli() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--port", type=int, default=18941)
     args = parser.parse_args()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(args.port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        server.stdout.readline()
+    with fake_provider(args.port):
         asyncio.run(main(args.calls, args.concurrency, args.port, args.rounds))
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

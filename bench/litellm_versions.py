@@ -15,29 +15,16 @@ import argparse
 import asyncio
 import os
 import platform
-import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-async def _drive(call: Callable[[], Awaitable[object]], calls: int, concurrency: int) -> tuple[float, float]:
-    remaining = calls
-
-    async def lane() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            await call()
-
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    return time.perf_counter() - t0, time.process_time() - cpu0
+# The same closed-loop driver and fake server as bench/litellm_paths.py: the two measure alike.
+from bench.litellm_paths import drive, fake_provider  # noqa: E402
 
 
 async def _main(calls: int, concurrency: int, port: int) -> None:
@@ -72,8 +59,8 @@ async def _main(calls: int, concurrency: int, port: int) -> None:
         f"cpus={os.cpu_count()} calls={calls} concurrency={concurrency}"
     )
     for name, fn in (("acompletion", bare), ("router", routed)):
-        await _drive(fn, 200, concurrency)  # warm-up
-        wall, cpu = await _drive(fn, calls, concurrency)
+        await drive(fn, 200, concurrency)  # warm-up
+        wall, cpu = await drive(fn, calls, concurrency)
         print(f"{name:12s} {calls / wall:8.1f} req/s  cpu/call {1000 * cpu / calls:6.2f} ms")
 
 
@@ -89,19 +76,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--port", type=int, default=18911)
     args = parser.parse_args()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_server", "--port", str(args.port)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        server.stdout.readline()  # "listening on ..."
+    with fake_provider(args.port):
         asyncio.run(_main(args.calls, args.concurrency, args.port))
-    finally:
-        server.terminate()
-        server.wait()
 
 
 if __name__ == "__main__":

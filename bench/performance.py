@@ -56,6 +56,7 @@ from bench.sizing import (  # noqa: E402
     workers,
     write_config,
 )
+from tests.support.processes import LineHandler, WorkerProcess  # noqa: E402
 from worker.client import LLMClient  # noqa: E402
 from worker.messages import LLMResult, Status, Tokens  # noqa: E402
 
@@ -194,6 +195,23 @@ def via(client: LLMClient, model: str | None = None) -> Callable[[int], Awaitabl
     return call
 
 
+def raw_litellm(base_url: str, model: str = "openai/ok") -> Callable[[int], Awaitable[bool]]:
+    """One ``litellm.acompletion`` in this process, with the call parameters of the bench config."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    params = {"model": model, "api_base": base_url, "api_key": "sk-bench-not-a-key"}
+
+    async def call(lane_id: int) -> bool:
+        messages = [{"role": "user", "content": f"perf {lane_id} {uuid.uuid4().hex}"}]
+        await litellm.acompletion(
+            **params, messages=messages, temperature=0.5, max_tokens=64, timeout=30, max_retries=0
+        )
+        return True
+
+    return call
+
+
 async def warm(client: LLMClient, count: int, model: str | None = None) -> None:
     await asyncio.gather(*(via(client, model)(i) for i in range(count)))
 
@@ -220,8 +238,8 @@ class Bench:
 
     @contextlib.asynccontextmanager
     async def replicas(
-        self, count: int, prefetch: int, on_line: Callable[[dict[str, Any]], None] | None = None
-    ) -> Any:
+        self, count: int, prefetch: int, on_line: LineHandler | None = None
+    ) -> AsyncIterator[list[WorkerProcess]]:
         async with workers(self.config(prefetch), count, on_line) as procs:
             self.started += [p.ready_s for p in procs]
             yield procs
@@ -232,18 +250,7 @@ class Bench:
     # -- sections ---------------------------------------------------------------------------
 
     async def ratio(self, concurrency: int) -> None:
-        import litellm
-
-        litellm.suppress_debug_info = True
-        params = {"model": "openai/ok", "api_base": self.base_url, "api_key": "sk-bench-not-a-key"}
-
-        async def raw(lane_id: int) -> bool:
-            messages = [{"role": "user", "content": f"perf {lane_id} {uuid.uuid4().hex}"}]
-            await litellm.acompletion(
-                **params, messages=messages, temperature=0.5, max_tokens=64, timeout=30, max_retries=0
-            )
-            return True
-
+        raw = raw_litellm(self.base_url)
         await lanes(concurrency, 3, raw, Loop())  # warm-up: imports, the HTTP pool
         measure = Measure([os.getpid()])
         direct = measure.into(await lanes(concurrency, self.duration_s, raw, Run()))

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
 
@@ -40,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import describe  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+from tests.support.processes import LineHandler, WorkerProcess  # noqa: E402
 from worker.client import LLMClient  # noqa: E402
 from worker.messages import Status  # noqa: E402
 
@@ -47,13 +47,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,61 +84,8 @@ async def start_fake(port: int, latency_ms: float) -> asyncio.subprocess.Process
     return proc
 
 
-@dataclass
-class WorkerProcess:
-    proc: asyncio.subprocess.Process
-    reader: asyncio.Task[None]
-    lines: list[str]
-    ready_s: float  # spawn to the worker.ready line, as the parent saw it
-    http_port: int  # /metrics, /livez, /readyz
-
-
-async def start_worker(
-    config: Path, timeout_s: float = 120, on_line: Callable[[dict[str, Any]], None] | None = None
-) -> WorkerProcess:
-    """``python -m worker run`` at the production log level; returns once it logged worker.ready.
-
-    ``on_line`` gets every JSON log line written after that (one ``request.done`` per request).
-    """
-    spawned = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "worker",
-        "--config",
-        str(config),
-        "run",
-        "--json-logs",
-        cwd=ROOT,
-        env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-        stderr=asyncio.subprocess.PIPE,
-    )
-    ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-    lines: list[str] = []
-
-    async def read() -> None:  # keep the pipe drained: one JSON line per request at info level
-        assert proc.stderr is not None
-        async for raw in proc.stderr:
-            if not ready.done():
-                lines.append(raw.decode(errors="replace").rstrip())
-                if b'"worker.ready"' in raw:
-                    ready.set_result(json.loads(raw))
-            elif on_line is not None:
-                with contextlib.suppress(ValueError):
-                    on_line(json.loads(raw))
-
-    reader = asyncio.create_task(read())
-    try:
-        line = await asyncio.wait_for(asyncio.shield(ready), timeout_s)
-    except TimeoutError:
-        if proc.returncode is None:
-            proc.kill()
-        raise RuntimeError(f"worker did not become ready; it logged: {lines[-5:]}") from None
-    return WorkerProcess(proc, reader, lines, time.monotonic() - spawned, int(line["http_port"]))
-
-
 async def stop(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM (the worker drains), then SIGKILL after a minute."""
+    """SIGTERM, then SIGKILL after a minute: the fake provider's process."""
     if proc.returncode is None:
         proc.terminate()
         try:
@@ -210,8 +150,10 @@ def write_config(
         "result_ttl_s": 600,
     }
     observe = {"host": "127.0.0.1", "port": 0}  # replicas must not fight over one port
+    callers = {"mode": "development"}  # the bench's load client connects as the broker's guest
     folder.mkdir(parents=True, exist_ok=True)
-    for name, section in (("llm", llm), ("bus", bus), ("redis", red), ("observe", observe)):
+    sections = (("llm", llm), ("bus", bus), ("redis", red), ("observe", observe), ("callers", callers))
+    for name, section in sections:
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({name: section}))
     return folder
 
@@ -318,17 +260,20 @@ async def closed_loop(client: LLMClient, in_flight: int, duration_s: float) -> L
 
 @contextlib.asynccontextmanager
 async def workers(
-    config: Path, count: int, on_line: Callable[[dict[str, Any]], None] | None = None
+    config: Path, count: int, on_line: LineHandler | None = None
 ) -> AsyncIterator[list[WorkerProcess]]:
+    """``count`` worker processes at the production log level, started one after another; each
+    JSON log line after ready goes to ``on_line`` (one ``request.done`` per request), and none is
+    kept: a run writes one a request."""
     started: list[WorkerProcess] = []
     try:
         for _ in range(count):
-            started.append(await start_worker(config, on_line=on_line))
+            worker = WorkerProcess(config, keep_lines=False, on_line=on_line)
+            started.append(await worker.start(timeout_s=120))
         yield started
     finally:
         for w in started:
-            await stop(w.proc)
-            w.reader.cancel()
+            await w.terminate(timeout_s=60)
 
 
 async def scenario(

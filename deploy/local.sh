@@ -2,8 +2,10 @@
 # Local set-up in one command each, on a fresh machine:
 #
 #   deploy/local.sh run  [worker args]   start one worker (the offline profile unless WORKER_CONFIG_DIR is set)
-#   deploy/local.sh test [pytest args]   lint, type checks, contract check, then the whole test suite
+#   deploy/local.sh test [pytest args]   lint, type checks, drift checks, then every test but the fault suite
 #   deploy/local.sh ask "a prompt"       send one request over the bus to a running worker
+#   deploy/local.sh budget|dlq ...       the operator's tools, on the same config folder as run
+#   deploy/local.sh secrets              a random password file per broker user for deploy/compose*.yaml
 #
 # Both create .venv/ from the hash-locked requirements-dev.lock when it is missing or older than
 # the lock, and start RabbitMQ and Redis on this machine when they are not answering (only for
@@ -53,6 +55,21 @@ ensure_rabbitmq() {
   say "rabbitmq did not answer (rabbitmq-diagnostics -q ping)"; exit 1
 }
 
+# deploy/secrets/<user> for every user of deploy/rabbitmq/definitions.json that has none yet:
+# the Compose secrets the broker sets the passwords from and the worker logs in with. Hex, so
+# that it goes into an AMQP URL unescaped. The folder is 0700; the files 0644, because Compose
+# bind-mounts them as they are and the worker's unprivileged user must read its own.
+write_secrets() {
+  local dir=deploy/secrets user
+  mkdir -p deploy/secrets && chmod 700 "$dir"
+  for user in $(python3 -c 'import json; print(*(u["name"] for u in json.load(open("deploy/rabbitmq/definitions.json"))["users"]))'); do
+    [ -s "$dir/$user" ] && continue
+    python3 -c 'import secrets; print(secrets.token_hex(24))' >"$dir/$user"
+    chmod 644 "$dir/$user"
+    say "wrote $dir/$user"
+  done
+}
+
 command="${1:-}"
 shift || true
 case "$command" in
@@ -60,18 +77,22 @@ case "$command" in
     ensure_venv; ensure_redis; ensure_rabbitmq
     exec .venv/bin/python -m worker --config "${WORKER_CONFIG_DIR:-config/offline}" run "$@"
     ;;
-  ask)
+  ask|budget|dlq)
     ensure_venv
-    exec .venv/bin/python -m worker --config "${WORKER_CONFIG_DIR:-config/offline}" ask "$@"
+    exec .venv/bin/python -m worker --config "${WORKER_CONFIG_DIR:-config/offline}" "$command" "$@"
+    ;;
+  secrets)
+    write_secrets
     ;;
   test)
     ensure_venv; ensure_redis; ensure_rabbitmq
     say "ruff"; .venv/bin/ruff check worker tests bench; .venv/bin/ruff format --check worker tests bench
     say "mypy --strict"; .venv/bin/mypy
     say "contract (schemas/ matches the models)"; .venv/bin/python -m worker schemas --check
+    say "reference (docs/ tables match the code)"; .venv/bin/python -m worker.reference --check
     say "pytest"; exec .venv/bin/pytest "$@"
     ;;
   *)
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2
     ;;
 esac

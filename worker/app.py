@@ -1,13 +1,17 @@
-"""The worker's lifespan: build everything once, wire it, consume, drain on SIGTERM, close.
+"""The composition root: the only place collaborators are built, wired and closed.
 
-Only this module constructs collaborators; everything else receives them. Resources are closed
-in reverse order by one ``AsyncExitStack``.
+``running_worker`` builds a worker (the LLM, Redis clients, the state stores, the pipeline, the
+bus, the consumer, the HTTP endpoint), starts it, and closes everything in reverse order through
+one ``AsyncExitStack``; ``serve`` runs one until SIGTERM. ``ledger_tool`` builds what the CLI's
+budget tool needs from the same settings without importing litellm (the LLM is imported only
+where a worker is built).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import os
 import signal
@@ -15,326 +19,212 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker import tracing
-from worker.bus import PUBLISH_TIMEOUT_S, Bus
-from worker.cache import ResponseCache
-from worker.dlq import peek_request
-from worker.flight import Heartbeat, SingleFlight
-from worker.ledger import BudgetLedger
-from worker.llm import LLM
-from worker.observe import Metrics, ObserveServer, payload_fields
-from worker.pipeline import Delivery, Outcome, Pipeline, PipelineLimits
-from worker.results import ResultStore
-from worker.settings import Settings, redact_url
+from worker import connections
+from worker.boundary.identity import Callers
+from worker.bus import Bus
+from worker.consumer import Worker
+from worker.embeddings import EmbeddingPipeline
+from worker.observe.http import ObserveServer
+from worker.observe.metrics import Metrics
+from worker.pipeline import SETTLE_TIMEOUT_S, Pipeline, PipelineLimits
+from worker.secrets import Redactor
+from worker.settings import Settings, known_secrets
+from worker.state.cache import CachedEmbedding, ResponseCache
+from worker.state.flight import Heartbeat, SingleFlight
+from worker.state.ledger import BudgetLedger
+from worker.state.memory import MemoryGuard, Watermarks
+from worker.state.ratelimit import RateLimits
+from worker.state.redis import check_version
+from worker.state.results import ResultStore, read_stored_embedding, result_key
+from worker.throttle import Throttle
+
+if TYPE_CHECKING:
+    from worker.boundary.fetch import ImageFetcher
+    from worker.llm import LLM
 
 log = structlog.get_logger("worker.app")
 
-# After the drain deadline, cancelled calls get this long to release their reservations.
-CANCEL_GRACE_S = 5.0
 EXIT_CONSUMER_LOST = 1
+METRICS_REDIS_CONNECTIONS = 2
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def make_redis(settings: Settings, url: str | None = None) -> aioredis.Redis:
-    """A pooled client that rides out a blip (two quick retries) and then fails fast.
-
-    Retrying is safe because every write the worker makes is idempotent: ledger steps are keyed by
-    reservation, flight claims by a token of their own.
-    """
-    return aioredis.Redis.from_url(
-        url or settings.redis.url.get_secret_value(),
-        socket_timeout=settings.redis.socket_timeout_s,
-        socket_connect_timeout=settings.redis.connect_timeout_s,
-        health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        max_connections=max(64, settings.bus.prefetch * 2),
+def build_ledger(
+    settings: Settings, redis: aioredis.Redis, memory: MemoryGuard | None = None
+) -> BudgetLedger:
+    """The budget ledger of ``settings``, on ``redis``; answers are stored beside each charge."""
+    prefix = settings.redis.key_prefix
+    return BudgetLedger(
+        redis,
+        prefix,
+        settings.llm.budget,
+        # a reservation lives through the call and then through the settle's retries
+        reservation_ttl_s=settings.llm.deadline_s + SETTLE_TIMEOUT_S,
+        result_key=functools.partial(result_key, prefix),
+        memory=memory,
+        settle_wait=(settings.redis.settle_wait_replicas, settings.redis.settle_wait_timeout_ms),
     )
 
 
-class Worker:
-    """Consumes requests, runs each through the pipeline, replies, dead-letters, acks.
-
-    Shutdown (``begin_shutdown`` then ``drain``): deliveries that arrive afterwards go back to the
-    queue unstarted; calls in flight get until the drain deadline, then are cancelled, which
-    releases their budget reservation and requeues their message. Replies being published when
-    the deadline passes are allowed to finish (their publish has its own timeout).
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        bus: Bus,
-        pipeline: Pipeline,
-        worker_id: str,
-        metrics: Metrics | None = None,
-    ):
-        self.settings, self.bus, self.pipeline, self.worker_id = settings, bus, pipeline, worker_id
-        self.metrics = metrics or Metrics()
-        self.in_flight: set[asyncio.Task[Any]] = set()  # running the pipeline
-        self.finishing: set[asyncio.Future[None]] = set()  # publishing, dead-lettering, acking
-        self.stopping = False
-        self.handled = 0
-        self.http_port: int | None = None  # of /metrics, /livez, /readyz
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        if self.stopping:  # delivered after the stop: not started, so back to the queue
-            await self.bus.give_back(message, reason="shutting down")
-            return
-        # A task of our own, shielded from the consumer's: aiormq cancels its consumer tasks when
-        # the channel closes (a dropped connection, a broker restart), which would throw away a
-        # paid LLM call in flight. Finished anyway, its answer is stored, and the redelivery after
-        # the reconnect is answered from the store without a second call.
-        work = asyncio.ensure_future(self._process(message))
-        self.in_flight.add(work)  # now, so that a drain starting before its first step waits for it
-        await asyncio.shield(work)
-
-    async def _process(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        try:
-            outcome = await self._outcome(message)
-        except asyncio.CancelledError:
-            # Cancelled by the drain deadline: the pipeline has released the reservation;
-            # requeue now so another worker answers it (idempotency makes that safe).
-            await self.bus.give_back(message, reason="drain deadline")
-            raise
-        finally:
-            self.in_flight.discard(task)
-        if outcome is None:
-            return
-        # Reply, dead-letter and ack must all happen or none: shield them from cancellation.
-        finish = asyncio.ensure_future(self._finish(message, outcome))
-        self.finishing.add(finish)
-        finish.add_done_callback(self.finishing.discard)
-        await asyncio.shield(finish)
-
-    async def _outcome(self, message: AbstractIncomingMessage) -> Outcome | None:
-        # This task's trace context and log context (the pipeline binds the request's ids).
-        span = tracing.receive(message.headers)
-        structlog.contextvars.clear_contextvars()
-        if span.incoming is not None:
-            structlog.contextvars.bind_contextvars(trace_id=span.incoming.trace_id)
-        delivery = Delivery(
-            body=message.body,
-            correlation_id=message.correlation_id,
-            message_id=message.message_id,
-            redelivered=bool(message.redelivered),
-            trace_parent=span.incoming,
-        )
-        try:
-            outcome = await self.pipeline.handle(delivery)
-        except Exception as exc:  # noqa: BLE001 - any bug: logged with its traceback in _crashed
-            await self._crashed(message, exc)
-            return None
-        self.metrics.observe(outcome)
-        return outcome
-
-    async def _crashed(self, message: AbstractIncomingMessage, exc: Exception) -> None:
-        """A bug or an unforeseen error: requeue (it may be transient) until the last delivery the
-        queue allows, then dead-letter it with the exception as the reason. A message that kills
-        the whole process never gets here: the broker dead-letters it (``delivery_limit``)."""
-        count = _delivery_count(message)
-        limit = self.settings.bus.delivery_limit
-        log.exception(
-            "request.crashed", message_id=message.message_id, delivery_count=count, delivery_limit=limit
-        )
-        try:
-            if count < limit:
-                await message.reject(requeue=True)
-                return
-            peek = peek_request(message.body)
-            await self.bus.dead_letter(
-                message,
-                {
-                    "reason": "WorkerCrashed",
-                    "message": f"{type(exc).__name__}: {exc}"[:500],
-                    "retryable": True,
-                    "attempts": count + 1,
-                    "at": datetime.now(UTC).isoformat(),
-                    "worker": self.worker_id,
-                    "agent": peek.agent,
-                    "request-id": peek.request_id or message.correlation_id,
-                    "delivery-count": count,
-                },
-            )
-            await message.ack()
-        except Exception as broker_exc:  # noqa: BLE001 - broker trouble: it redelivers the message
-            log.warning("request.not_acked", error=f"{type(broker_exc).__name__}: {broker_exc}")
-            await self.bus.give_back(message, reason="crash handling failed")
-
-    async def _finish(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
-        result = outcome.result
-        try:
-            delivered = await self.bus.reply(
-                result,
-                reply_to=message.reply_to,
-                correlation_id=message.correlation_id,
-                headers={"x-worker-id": self.worker_id, **tracing.reply_headers(result.trace_id)},
-            )
-            if outcome.dead_letter:
-                await self.bus.dead_letter(message, self._reason(outcome, message))
-                self.metrics.dead_lettered.labels(outcome.reason or "unknown").inc()
-            await message.ack()
-        except Exception as exc:  # noqa: BLE001 - broker trouble: requeue; a redelivery is answered again
-            log.warning(
-                "request.not_acked", request_id=result.request_id, error=f"{type(exc).__name__}: {exc}"
-            )
-            await self.bus.give_back(message, reason="reply, dead letter or ack failed")
-            return
-        self.handled += 1
-        log.info(
-            "request.done",
-            request_id=result.request_id,
-            trace_id=result.trace_id,
-            agent=result.agent,
-            task_id=result.task_id,
-            model=result.model,
-            outcome=result.status.value,
-            attempts=result.attempts,
-            fallback=result.fallback_used,
-            tokens=result.tokens.total,
-            prompt_tokens=result.tokens.prompt,
-            completion_tokens=result.tokens.completion,
-            cost_usd=result.cost_usd,
-            cached=result.cached,
-            latency_ms=result.latency_ms,
-            provider_latency_ms=round(outcome.provider_latency_ms, 3),
-            reply=delivered,
-            dead_lettered=outcome.dead_letter,
-            duplicate=bool(outcome.extra.get("duplicate")),
-            budget_scope=outcome.extra.get("scope"),
-            error=result.error.type if result.error else None,
-            **payload_fields(message.body, result, enabled=self.settings.observe.log_prompts_and_responses),
-        )
-
-    def _reason(self, outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:
-        error = outcome.result.error
-        return {
-            "reason": error.type if error else "unknown",
-            "message": error.message[:500] if error else None,
-            "retryable": error.retryable if error else None,
-            "attempts": outcome.result.attempts,
-            "at": datetime.now(UTC).isoformat(),
-            "worker": self.worker_id,
-            "agent": outcome.result.agent,
-            "request-id": outcome.result.request_id,
-            "trace-id": outcome.result.trace_id,
-            "delivery-count": (message.headers or {}).get("x-delivery-count"),
-        }
-
-    def begin_shutdown(self) -> None:
-        """From now on, deliveries go back to the queue without being started."""
-        self.stopping = True
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Let calls in flight finish within ``timeout_s``, then cancel the rest (their reservations
-        are released, their messages requeued). True when everything finished in time."""
-        self.begin_shutdown()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        if self.in_flight or self.finishing:
-            log.info("worker.draining", in_flight=len(self.in_flight), timeout_s=timeout_s)
-        while (pending := self.in_flight | self.finishing) and loop.time() < deadline:
-            await asyncio.wait(pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
-        late = set(self.in_flight)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning("worker.drain_deadline", cancelled=len(late), timeout_s=timeout_s)
-            await asyncio.wait(late, timeout=CANCEL_GRACE_S)
-        if self.finishing:  # bounded by the publish timeout
-            await asyncio.wait(set(self.finishing), timeout=PUBLISH_TIMEOUT_S + 1)
-        return not late
-
-
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    """Earlier failed deliveries of ``message`` (quorum queues' ``x-delivery-count``; 0 if absent)."""
-    value = (message.headers or {}).get("x-delivery-count")
-    return value if isinstance(value, int) else 0
+def build_memory_guard(settings: Settings, redis: aioredis.Redis) -> MemoryGuard:
+    r = settings.redis
+    return MemoryGuard(
+        redis,
+        marks=Watermarks(
+            refuse_at=r.memory_refuse_at, resume_at=r.memory_resume_at, cache_stop_at=r.cache_stop_at
+        ),
+    )
 
 
 def build_pipeline(
-    settings: Settings, llm: LLM, redis: aioredis.Redis, cache_redis: aioredis.Redis, worker_id: str
+    settings: Settings,
+    llm: LLM,
+    redis: aioredis.Redis,
+    cache_redis: aioredis.Redis,
+    worker_id: str,
+    memory: MemoryGuard | None = None,
+    images: ImageFetcher | None = None,
 ) -> Pipeline:
-    """Wire the pipeline's collaborators: result store, cache, ledger."""
+    """Wire the pipeline's collaborators: result store, cache, ledger (and the image fetcher,
+    entered by the caller, when ``llm.remote_images.hosts`` lists any)."""
     prefix = settings.redis.key_prefix
     results = ResultStore(SingleFlight(redis, prefix, worker_id), prefix)
+    # A cache on the ledger's own Redis stops storing before the ledger needs the room; one on a
+    # Redis of its own (cache_url, allkeys-lru) evicts instead.
+    shares_memory = memory is not None and cache_redis is redis
     cache = ResponseCache(
         SingleFlight(cache_redis, prefix, worker_id),
         prefix,
         default_ttl_s=settings.llm.cache_ttl,
         namespace=settings.llm.cache_namespace,
+        may_store=(lambda: memory.cache_may_store) if shares_memory and memory else (lambda: True),
     )
     limits = PipelineLimits(
         deadline_s=settings.llm.deadline_s,
         result_ttl_s=settings.redis.result_ttl_s,
         max_body_bytes=settings.bus.max_body_bytes,
+        settle_timeout_s=SETTLE_TIMEOUT_S,
     )
-    ledger = BudgetLedger(
-        redis,
-        prefix,
-        settings.llm.budget,
-        # a reservation lives through the call and then through the settle's retries
-        reservation_ttl_s=settings.llm.deadline_s + limits.settle_timeout_s,
-        result_key=results.key,
+    callers = Callers(settings.callers)
+    ledger = build_ledger(settings, redis, memory)
+    return Pipeline(llm, ledger, cache, results, limits, callers, images)
+
+
+def build_embedding_pipeline(pipeline: Pipeline) -> EmbeddingPipeline:
+    """The embedding requests' pipeline: the chat pipeline's ledger, limits and identity, and a cache
+    and a result store on the same Redis and key prefix that read embedding answers."""
+    chat_cache, chat_results = pipeline.cache, pipeline.results
+    cache = ResponseCache(
+        chat_cache.flight,
+        chat_cache.prefix,
+        default_ttl_s=chat_cache.default_ttl_s,
+        namespace=chat_cache.namespace,
+        may_store=chat_cache.may_store,
+        answer_type=CachedEmbedding,
     )
-    return Pipeline(llm, ledger, cache, results, limits)
+    results = ResultStore(chat_results.flight, chat_results.prefix, decode=read_stored_embedding)
+    return EmbeddingPipeline(pipeline.llm, pipeline.ledger, cache, results, pipeline.limits, pipeline.callers)
+
+
+@contextlib.asynccontextmanager
+async def ledger_tool(settings: Settings) -> AsyncIterator[BudgetLedger]:
+    """The ledger for an operator's tool (``budget show``), closed on exit."""
+    redis = connections.redis(settings)
+    try:
+        yield build_ledger(settings, redis)
+    finally:
+        await redis.aclose()
 
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    settings: Settings, *, worker_id: str | None = None, freeze_heap: bool = False
+    settings: Settings,
+    *,
+    worker_id: str | None = None,
+    freeze_heap: bool = False,
+    image_fetcher: ImageFetcher | None = None,
 ) -> AsyncIterator[Worker]:
     """Build, connect and start a worker; on exit stop consuming, drain, and close in reverse order.
+
+    ``image_fetcher`` replaces the one built from ``llm.remote_images`` (tests give theirs a
+    resolver that maps a listed name to a local server); it is entered and closed here.
 
     ``freeze_heap`` (for the process that runs only this worker): once built, move every object
     alive to the garbage collector's permanent generation. litellm's import leaves ~300,000 of
     them, which each full collection walked again: measured with a 64-in-flight load, full
     collections went from 92 to 58 ms each and worker CPU per request fell 5-8 % (bench/).
     """
+    from worker.llm import LLM  # litellm's import (~2 s) is paid only where a worker is built
+
     worker_id = worker_id or new_worker_id()
     started = time.monotonic()
     metrics = Metrics(agents={*settings.llm.agent_models, *settings.llm.budget.max_cost_per_agent_day})
-    llm = LLM.build(settings.llm, events=metrics)
-    await llm.warm_up()
     async with contextlib.AsyncExitStack() as stack:
         http = ObserveServer(metrics)
         http_port = await http.start(settings.observe.host, settings.observe.port)
         stack.push_async_callback(http.stop)
-        redis = make_redis(settings)
+        redis = connections.redis(settings)
         stack.push_async_callback(redis.aclose)
-        prefix = settings.redis.key_prefix
-        cache_redis = redis
-        if settings.redis.cache_url is not None:
-            cache_redis = make_redis(settings, settings.redis.cache_url.get_secret_value())
+        await check_version(redis)
+        cache_redis = connections.cache_redis(settings, redis)
+        if cache_redis is not redis:
             stack.push_async_callback(cache_redis.aclose)
-        heartbeat = Heartbeat([redis] if cache_redis is redis else [redis, cache_redis], prefix, worker_id)
+        heartbeat = Heartbeat(
+            [redis] if cache_redis is redis else [redis, cache_redis], settings.redis.key_prefix, worker_id
+        )
         heartbeat.start()
         stack.push_async_callback(heartbeat.stop)
-        pipeline = build_pipeline(settings, llm, redis, cache_redis, worker_id)
+        throttle = Throttle(settings.llm, RateLimits(redis, settings.redis.key_prefix), events=metrics)
+        redactor = Redactor(known_secrets(settings))
+        llm = LLM.build(settings.llm, events=metrics, redactor=redactor, throttle=throttle)
+        await llm.warm_up()
+        memory = build_memory_guard(settings, redis)
+        await memory.start()
+        stack.push_async_callback(memory.stop)
+        metrics.watch_redis_memory(memory)
+        if image_fetcher is None and settings.llm.remote_images.hosts:
+            from worker.boundary.fetch import ImageFetcher  # aiohttp, only where images are fetched
+
+            image_fetcher = ImageFetcher(settings.llm.remote_images)
+        if image_fetcher is not None:
+            await stack.enter_async_context(image_fetcher)
+        pipeline = build_pipeline(settings, llm, redis, cache_redis, worker_id, memory, image_fetcher)
+        pipeline.cache.on_error = metrics.cache_error
+        embeddings = build_embedding_pipeline(pipeline)
+        embeddings.cache.on_error = metrics.cache_error
         bus = Bus(settings.bus, name=f"llm-worker:{worker_id}")
         await bus.connect()
         stack.push_async_callback(bus.close)
-        worker = Worker(settings, bus=bus, pipeline=pipeline, worker_id=worker_id, metrics=metrics)
+        worker = Worker(
+            settings,
+            bus=bus,
+            pipeline=pipeline,
+            worker_id=worker_id,
+            metrics=metrics,
+            redactor=redactor,
+            embeddings=embeddings,
+        )
         worker.http_port = http_port
         metrics.in_flight.set_function(lambda: len(worker.in_flight))
-        http.ready = lambda: {"connected": bus.connected, "consuming": bus.consuming}
-        http.before_scrape = lambda: metrics.read_ledger(pipeline.ledger)
+        http.ready = lambda: {
+            "connected": bus.connected,
+            "consuming": bus.consuming,
+            "redis_memory_ok": not memory.full,
+        }
+        # /metrics reads the ledger on a pool of its own: a scrape storm cannot take a connection
+        # a request needs (and reads at most every LEDGER_READ_INTERVAL_S anyway).
+        scrape_redis = connections.redis(settings, max_connections=METRICS_REDIS_CONNECTIONS)
+        stack.push_async_callback(scrape_redis.aclose)
+        scrape_ledger = build_ledger(settings, scrape_redis)
+        http.before_scrape = lambda: metrics.read_ledger(scrape_ledger)
         if freeze_heap:
             gc.collect()
             gc.freeze()
@@ -348,14 +238,16 @@ async def running_worker(
             config=str(settings.config_dir),
             queue=settings.bus.request_queue,
             prefetch=settings.bus.prefetch,
-            broker=redact_url(settings.bus.url.get_secret_value()),
-            redis=redact_url(settings.redis.url.get_secret_value()),
+            broker=connections.describe_brokers(settings.bus),
+            redis=connections.describe_redis(settings.redis),
             models=sorted(settings.llm.model_names),
             http=f"http://{settings.observe.host}:{http_port}/metrics",
             http_port=http_port,
             startup_s=round(time.monotonic() - started, 3),
             frozen_objects=gc.get_freeze_count(),
+            identity="enforced" if pipeline.callers.enforced else "NOT ENFORCED (development)",
         )
+        pipeline.callers.announce()
         try:
             yield worker
         finally:

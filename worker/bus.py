@@ -1,6 +1,7 @@
 """aio-pika: topology, consuming with a bounded prefetch, publishing with confirms, dead letters.
 
-Two robust connections, one to consume and one to publish, so broker flow control on publishes
+Two robust connections (over every broker of ``bus.url``: worker/broker_failover.py), one to
+consume and one to publish, so broker flow control on publishes
 never delays acks (RabbitMQ production checklist). Both reconnect by themselves and restore
 their channels, QoS, topology and consumer; this object keeps strong references to all of them
 because aio-pika restores only what is still referenced.
@@ -14,6 +15,8 @@ the worker exits non-zero and the platform restarts it, instead of idling silent
 Topology (names from ``bus.yaml``)::
 
     request_queue  quorum, durable; x-dead-letter-exchange=dead_letter_exchange,
+    (batch_queue   the same, for batch requests: consumed on a channel of its own with
+                   batch_prefetch, so interactive requests never queue behind batch work)
                    x-delivery-limit, at-least-once dead-lettering
     dead_letter_exchange (fanout) -> dead_letter_queue (quorum, durable, x-delivery-limit 10^6:
                    browsing it requeues, and from 4.0 a quorum queue's default limit of 20
@@ -25,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,13 +46,24 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from worker import connections
 from worker.errors import ConfigError
-from worker.messages import LLMResult
+from worker.messages import (
+    CHUNK_TYPE,
+    EMBEDDING_RESULT_TYPE,
+    RESULT_TYPE,
+    EmbeddingResult,
+    LLMChunk,
+    LLMResult,
+)
 from worker.settings import BusSettings
 
 log = structlog.get_logger("worker.bus")
 
 PUBLISH_TIMEOUT_S = 30.0
+# Of a body refused for its size, what its dead-letter copy keeps (with its size and SHA-256):
+# a 20 MiB body was copied whole into the dead-letter queue (issue #16).
+DEAD_LETTER_PREFIX_BYTES = 4096
 # Not -1 ("unlimited" from 4.0): RabbitMQ 3.10 drops a message at once under a negative limit.
 DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -76,11 +91,17 @@ class Bus:
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_conn: AbstractRobustConnection | None = None
         self._consume_ch: AbstractChannel | None = None
+        self._batch_ch: AbstractChannel | None = None
+        self.batch_queue: AbstractQueue | None = None
+        self._batch_tag: str | None = None
         self._publish_ch: AbstractChannel | None = None
         self.request_queue: AbstractQueue | None = None
         self.dead_letter_queue: AbstractQueue | None = None
         self._results: AbstractExchange | None = None
         self._dlx: AbstractExchange | None = None
+        # aiormq matches a basic.return to its publish by message_id: two publishes in flight with
+        # one id (a reply and its duplicate's) would each get the other's verdict. See _one_by_id.
+        self._in_flight: dict[str, tuple[asyncio.Lock, int]] = {}
         self._consumer_tag: str | None = None
         self.consumer_lost = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
@@ -88,19 +109,14 @@ class Bus:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        url = self.settings.url.get_secret_value()
-        self._consume_conn = await aio_pika.connect_robust(
-            url,
-            heartbeat=self.settings.heartbeat_s,
-            client_properties={"connection_name": f"{self.name}:consume"},
-        )
-        self._publish_conn = await aio_pika.connect_robust(
-            url,
-            heartbeat=self.settings.heartbeat_s,
-            client_properties={"connection_name": f"{self.name}:publish"},
-        )
+        # One order for both connections, so that they start on the same node (broker_failover.py).
+        urls = connections.broker_order(self.settings)
+        self._consume_conn = await connections.amqp_robust(self.settings, urls, name=f"{self.name}:consume")
+        self._publish_conn = await connections.amqp_robust(self.settings, urls, name=f"{self.name}:publish")
         self._consume_ch = await self._consume_conn.channel(publisher_confirms=False)
         await self._consume_ch.set_qos(prefetch_count=self.settings.prefetch)
+        self._batch_ch = await self._consume_conn.channel(publisher_confirms=False)
+        await self._batch_ch.set_qos(prefetch_count=self.settings.batch_prefetch)
         self._publish_ch = await self._publish_conn.channel(publisher_confirms=True, on_return_raises=False)
         await self.declare_topology()
 
@@ -119,6 +135,10 @@ class Bus:
             await self.dead_letter_queue.bind(s.dead_letter_exchange)
             self.request_queue = await self._consume_ch.declare_queue(
                 s.request_queue, durable=True, arguments=request_queue_arguments(s)
+            )
+            assert self._batch_ch is not None
+            self.batch_queue = await self._batch_ch.declare_queue(
+                s.batch_queue_name, durable=True, arguments=request_queue_arguments(s)
             )
             self._results = await self._publish_ch.declare_exchange(
                 s.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -144,16 +164,28 @@ class Bus:
             for c in (self._consume_conn, self._publish_conn)
         )
 
+    @property
+    def broker(self) -> str | None:
+        """The broker the consumer's connection is on (or dialling), password redacted."""
+        return str(self._consume_conn) if self._consume_conn is not None else None  # password: ******
+
     # -- consuming -----------------------------------------------------------------------------
 
     async def start_consuming(self, handler: Handler) -> None:
-        assert self.request_queue is not None
+        assert self.request_queue is not None and self.batch_queue is not None
         self._consumer_tag = await self.request_queue.consume(handler, no_ack=False)
+        self._batch_tag = await self.batch_queue.consume(handler, no_ack=False)
         self._watchdog = asyncio.create_task(self.watch_consumer(), name="consumer-watchdog")
 
     async def stop_consuming(self) -> None:
         """Stop new deliveries; those already received stay ours to finish and ack."""
         await self._stop_watchdog()
+        if self.batch_queue is not None and self._batch_tag is not None:
+            tag, self._batch_tag = self._batch_tag, None
+            try:
+                await self.batch_queue.cancel(tag, timeout=PUBLISH_TIMEOUT_S)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("consumer.cancel_failed", error=f"{type(exc).__name__}: {exc}")
         if self.request_queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
@@ -228,12 +260,20 @@ class Bus:
     # -- publishing ----------------------------------------------------------------------------
 
     async def reply(
-        self, result: LLMResult, *, reply_to: str | None, correlation_id: str | None, headers: dict[str, Any]
+        self,
+        result: LLMResult | EmbeddingResult,
+        *,
+        reply_to: str | None,
+        correlation_id: str | None,
+        headers: dict[str, Any],
+        message_type: str = RESULT_TYPE,
     ) -> str:
-        """Publish ``result`` and wait for the broker's confirm.
+        """Publish ``result`` (AMQP ``type`` ``message_type``) and wait for the broker's confirm.
 
-        Returns ``"replied"``, ``"published"`` (to the results exchange, no ``reply_to``) or
-        ``"unroutable"`` (the reply queue is gone: the caller left; the result stays in the store).
+        Returns ``"replied"``, ``"published"`` (to the results exchange, no ``reply_to``),
+        ``"unroutable"`` (the reply queue is gone: the caller left) or ``"refused"`` (the broker
+        nacked it: a full reply queue that rejects publishes). The consumer decides what becomes
+        of an answer that was not delivered.
         """
         assert self._publish_ch is not None, "call connect() first"
         assert self._results is not None
@@ -242,42 +282,107 @@ class Bus:
             content_type="application/json",
             correlation_id=correlation_id or result.request_id,
             message_id=result.request_id,
-            type="LLMResult.v1",
+            type=EMBEDDING_RESULT_TYPE if isinstance(result, EmbeddingResult) else message_type,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=datetime.now(UTC),
         )
-        if reply_to:
-            confirm = await self._publish_ch.default_exchange.publish(
-                message, routing_key=reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S
-            )
-            return "unroutable" if _returned(confirm) else "replied"
-        confirm = await self._results.publish(
-            message, routing_key=result.agent or "unknown", mandatory=True, timeout=PUBLISH_TIMEOUT_S
+        exchange = self._publish_ch.default_exchange if reply_to else self._results
+        try:
+            async with self._one_by_id(result.request_id):
+                confirm = await exchange.publish(
+                    message,
+                    routing_key=reply_to or result.agent or "unknown",
+                    mandatory=True,
+                    timeout=PUBLISH_TIMEOUT_S,
+                )
+        except aiormq.exceptions.DeliveryError:  # basic.nack: the broker will not take it
+            return "refused"
+        if _returned(confirm):
+            return "unroutable"
+        return "replied" if reply_to else "published"
+
+    async def chunk(
+        self, chunk: LLMChunk, *, reply_to: str, correlation_id: str | None, headers: dict[str, Any]
+    ) -> None:
+        """Publish a piece of a streamed answer: transient, not mandatory (an unroutable chunk is
+        dropped: the final result says what became of the answer), on the reply channel.
+
+        The reply channel, because RabbitMQ keeps order per channel only: a chunk published on a
+        channel of its own could arrive after the final result. The channel confirms every publish,
+        but only the stream's sender task waits for it (:mod:`worker.chunks`), never the model.
+        """
+        assert self._publish_ch is not None, "call connect() first"
+        message = aio_pika.Message(
+            body=chunk.model_dump_json(exclude_none=True).encode(),
+            content_type="application/json",
+            correlation_id=correlation_id or chunk.request_id,
+            message_id=f"{chunk.request_id}#{chunk.seq}",
+            type=CHUNK_TYPE,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
-        return "unroutable" if _returned(confirm) else "published"
+        await self._publish_ch.default_exchange.publish(
+            message, routing_key=reply_to, mandatory=False, timeout=PUBLISH_TIMEOUT_S
+        )
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: dict[str, Any]) -> None:
         """Copy ``message`` to the dead-letter exchange with ``reason`` in ``x-dlq-*`` headers.
 
         The copy keeps the body and the properties (:func:`persistent_copy`), so that a replay
-        sends the request as it came. Raises when the broker does not confirm, so the caller does
-        not ack.
+        sends the request as it came; a body over ``max_body_bytes`` keeps its first
+        ``DEAD_LETTER_PREFIX_BYTES`` and its size and SHA-256 in ``x-dlq-body-*``. Raises when the
+        broker does not confirm, so the caller does not ack.
         """
         assert self._dlx is not None
         headers = {k: v for k, v in (message.headers or {}).items() if not str(k).startswith("x-dlq-")}
         headers.update({f"x-dlq-{k}": v for k, v in reason.items() if v is not None})
-        confirm = await self._dlx.publish(
-            persistent_copy(message, headers),
-            routing_key=self.settings.request_queue,
-            mandatory=True,
-            timeout=PUBLISH_TIMEOUT_S,
-        )
+        body = message.body
+        if len(body) > self.settings.max_body_bytes:  # refused for its size: keep a sample, not all of it
+            headers.update(
+                {
+                    "x-dlq-body-bytes": len(body),
+                    "x-dlq-body-sha256": hashlib.sha256(body).hexdigest(),
+                    "x-dlq-body-truncated": True,
+                }
+            )
+            body = body[:DEAD_LETTER_PREFIX_BYTES]
+        async with self._one_by_id(message.message_id):
+            confirm = await self._dlx.publish(
+                persistent_copy(message, headers, body=body),
+                routing_key=self.settings.request_queue,
+                mandatory=True,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
         if _returned(confirm):
             raise RuntimeError(
                 f"dead-letter exchange {self.settings.dead_letter_exchange} routes nowhere; "
                 f"is {self.settings.dead_letter_queue} bound to it?"
             )
+
+    @contextlib.asynccontextmanager
+    async def _one_by_id(self, message_id: str | None) -> AsyncIterator[None]:
+        """One mandatory publish at a time per ``message_id`` on the publish channel.
+
+        aiormq finds the publish a ``basic.return`` belongs to by the message's ``message_id``
+        (``Channel.message_id_delivery_tag``), the last publish with that id winning. A reply and
+        the reply to its duplicate, in flight together, were each told the other's fate: one
+        answer to a gone queue was logged as ``replied`` while its return went unclaimed.
+        """
+        if message_id is None:  # aiormq gives it a random id of its own
+            yield
+            return
+        lock, users = self._in_flight.get(message_id, (asyncio.Lock(), 0))
+        self._in_flight[message_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._in_flight[message_id]
+            if users == 1:
+                del self._in_flight[message_id]
+            else:
+                self._in_flight[message_id] = (lock, users - 1)
 
 
 def _returned(confirm: object) -> bool:
@@ -285,11 +390,13 @@ def _returned(confirm: object) -> bool:
     return isinstance(confirm, aiormq.abc.DeliveredMessage)
 
 
-def persistent_copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """``message`` to publish again (a dead letter, a replay): its body and properties, persistent,
-    stamped now, with ``headers`` instead of its own."""
+def persistent_copy(
+    message: AbstractIncomingMessage, headers: dict[str, Any], *, body: bytes | None = None
+) -> aio_pika.Message:
+    """``message`` to publish again (a dead letter, a replay): its body (or ``body``) and
+    properties, persistent, stamped now, with ``headers`` instead of its own."""
     return aio_pika.Message(
-        body=message.body,
+        body=message.body if body is None else body,
         headers=headers,
         content_type=message.content_type,
         content_encoding=message.content_encoding,

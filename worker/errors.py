@@ -3,14 +3,32 @@
 ::
 
     WorkerError
-    ├── ConfigError           start-up stops with one line naming the file and key
-    ├── InvalidRequest        reply `invalid`, dead-letter at once (retrying cannot help)
-    ├── DeadlineExpired       reply `expired`, no provider call
-    ├── BudgetExceeded        reply `budget_exceeded` naming the scope, its limit and spend
-    ├── LedgerUnavailable     Redis unreachable: fail closed, reply `failed` (retryable)
-    └── ProviderError         the LLM call failed after retries and fallbacks: reply `failed`,
-                              dead-letter for replay; ``kind`` and ``retryable`` say why
+    ├── ConfigError            start-up stops with one line naming the file and key
+    ├── InvalidRequest         reply `invalid`, dead-letter at once (retrying cannot help)
+    ├── DeadlineExpired        reply `expired`, no provider call
+    ├── StillInFlight          another worker holds the same request_id past our deadline:
+    │                          reply `failed` (retryable), dead-letter
+    ├── BudgetExceeded         reply `budget_exceeded` naming the scope, its limit and spend
+    ├── RequestIdReused        the caller sent another request under a request_id it had used:
+    │                          reply `conflict`, never the other request's answer
+    ├── Forbidden              no user_id, or its broker user may not act as the agent or name
+    │   │                      the model: reply `forbidden`, nothing claimed, charged or sent
+    │   └── ReplyToRefused     reply_to names a queue its caller does not own: no reply at all,
+    │                          dead-letter with the reason
+    ├── StoreUnavailable       Redis did not answer or refused the step (state/redis.py maps
+    │   │                      every redis-py error here, once)
+    │   ├── LedgerUnavailable  budgets, results, claims: fail closed, reply `failed` (retryable)
+    │   │   └── LedgerFull     its Redis is near maxmemory: new calls refused until memory is freed
+    │   └── CacheUnavailable   the response cache: fail open, the request goes on without it
+    ├── ProviderError          the LLM call failed after retries and fallbacks: reply `failed`,
+    │   │                      dead-letter for replay; ``kind`` and ``retryable`` say why
+    │   └── StreamBroken       a streamed answer failed after its first chunk: no retry, no
+    │                          fallback; reply `failed` with what it wrote, charged for that
+    ├── BrokerUnreachable      a tool (dlq) could not connect to RabbitMQ: one line naming the URL
+    └── DeadLetterError        the dead-letter queue could not be read or a replay published
 
+Each error that ends a request carries what its answer says: ``kind`` (the stable name in
+``ErrorInfo.type``) and ``retryable``; :mod:`worker.outcome` turns one into a result.
 litellm's exceptions are translated here, once, by :func:`from_litellm` (httpx does the same
 with ``map_httpcore_exceptions``). Messages never carry a key or a stack trace: they are built
 from the exception's class and status, plus the provider's message with secrets scrubbed.
@@ -20,21 +38,23 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_SECRETS = re.compile(
-    r"(sk-[A-Za-z0-9_-]{6,}|AIza[0-9A-Za-z_-]{10,}|(?i:bearer)\s+[A-Za-z0-9._-]{8,}"
-    r"|(?i:api[_-]?key)[\"'=: ]+[A-Za-z0-9._-]{8,}|key=[A-Za-z0-9._-]{8,})"
-)
+from worker.secrets import scrub
 
-
-def scrub(text: str, limit: int = 500) -> str:
-    """Remove anything that looks like a credential, and bound the length."""
-    return _SECRETS.sub("[redacted]", text)[:limit]
+if TYPE_CHECKING:
+    from worker.llm import Completion
 
 
 class WorkerError(Exception):
     """Base of every error this package raises on purpose."""
+
+    retryable = False
+
+    @property
+    def kind(self) -> str:
+        """The stable name an answer carries in ``ErrorInfo.type``."""
+        return type(self).__name__
 
 
 class ConfigError(WorkerError):
@@ -57,6 +77,16 @@ class DeadlineExpired(WorkerError):
     """The request's deadline passed before a provider was called."""
 
 
+class StillInFlight(WorkerError):
+    """Another worker is still producing the answer to this ``request_id``; ours is not wanted."""
+
+    retryable = True
+
+    @property
+    def kind(self) -> str:
+        return "DeadlineExceeded"  # the name answers have carried since 0.1.0
+
+
 class BudgetExceeded(WorkerError):
     """Reserving this request's worst-case cost would take a budget scope over its limit."""
 
@@ -71,8 +101,51 @@ class BudgetExceeded(WorkerError):
         )
 
 
-class LedgerUnavailable(WorkerError):
-    """The budget ledger (Redis) cannot be reached; budgeted calls are refused (fail closed)."""
+class RequestIdReused(WorkerError):
+    """This caller already used this ``request_id`` for a request that differs from this one."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        super().__init__(
+            f"request_id {request_id} was already used by this caller for a different request "
+            "(agent, task, model, messages or parameters differ): send it with a new request_id"
+        )
+
+
+class Forbidden(WorkerError):
+    """The publisher's broker user may not make this request (``boundary/identity.py``)."""
+
+
+class ReplyToRefused(Forbidden):
+    """``reply_to`` names a queue that is not the caller's: nothing is published there."""
+
+
+class StoreUnavailable(WorkerError):
+    """Redis did not answer, or refused a step (out of memory, read-only replica, wrong type)."""
+
+    retryable = True
+
+
+class LedgerUnavailable(StoreUnavailable):
+    """The ledger's Redis (budgets, results, claims) failed a step; budgeted calls are refused
+    (fail closed)."""
+
+
+class LedgerFull(LedgerUnavailable):
+    """The ledger's Redis is near ``maxmemory``: new calls are refused, so that calls in flight
+    can still be charged, until memory is freed (:mod:`worker.state.memory`)."""
+
+
+class CacheUnavailable(StoreUnavailable):
+    """The cache's Redis failed a step; the request goes on without the cache (fail open)."""
+
+
+class BrokerUnreachable(WorkerError):
+    """A connection to RabbitMQ could not be opened; the message names the (redacted) URL."""
+
+
+class DeadLetterError(WorkerError):
+    """The dead-letter queue could not be read or a replay could not be published."""
 
 
 class ProviderError(WorkerError):
@@ -87,11 +160,31 @@ class ProviderError(WorkerError):
         status_code: int | None = None,
         retry_after_s: float | None = None,
     ):
-        self.kind, self.retryable, self.status_code = kind, retryable, status_code
+        self._kind, self.retryable, self.status_code = kind, retryable, status_code
         self.retry_after_s = retry_after_s
         self.attempts = 0  # set by the caller that gave up: how many provider calls were made
         self.model: str | None = None  # the last model tried
+        self.billed_nano = 0  # what the provider charged for an answer that could not be used
         super().__init__(scrub(message))
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+
+class StreamBroken(ProviderError):
+    """A streamed answer failed after its first piece went out: it is not retried nor continued by
+    another model (the caller has part of this model's answer). ``partial`` is what was written,
+    priced at the provider's usage if it sent one, else at an estimate of the text (issue #18)."""
+
+    def __init__(self, error: ProviderError, partial: Completion, how_far: str):
+        super().__init__(
+            error.kind,
+            f"the answer broke off after {how_far} from {partial.model}: {error}",
+            retryable=error.retryable,
+            status_code=error.status_code,
+        )
+        self.partial = partial
 
 
 # litellm class name -> (our kind, retryable). Order matters: subclasses before bases.
@@ -199,6 +292,26 @@ _CLIENT_KINDS: dict[int, tuple[str, bool]] = {
 _RETRY_DELAY = re.compile(r'"retryDelay":\s*"(\d+(?:\.\d+)?)s"')
 
 
+# Where litellm starts appending what is not the provider's message: the whole prompt (Anthropic's
+# "Received Messages=[...]"), a Python traceback (its catch-all APIConnectionError), the Router's
+# model groups; and the class names it puts first ("litellm.RateLimitError: RateLimitError:
+# OpenAIException - "), which the answer's kind already says.
+_NOT_THE_PROVIDERS = re.compile(
+    r"\s*(?:\|\s*)?(?:Received Messages=|Traceback \(most recent call last\)|Received Model Group=)"
+)
+_LITELLM_PREFIX = re.compile(r"^litellm\.\w+:\s*(?:\w+Error:\s*)?(?:\w+Exception\s*-\s*)?")
+_STACK_FRAME = re.compile(r'^\s*File "[^"]*", line \d+.*$', re.MULTILINE)
+
+
+def provider_message(text: str) -> str:
+    """The provider's own error message out of litellm's text: no prompt, no traceback, one line."""
+    cut = _NOT_THE_PROVIDERS.search(text)
+    if cut is not None:
+        text = text[: cut.start()]
+    text = _LITELLM_PREFIX.sub("", _STACK_FRAME.sub("", text).strip())
+    return " ".join(text.split())
+
+
 def from_litellm(exc: BaseException, *, redact: Callable[[str], str] | None = None) -> ProviderError:
     """Translate any exception raised by a litellm call into a :class:`ProviderError`.
 
@@ -209,7 +322,7 @@ def from_litellm(exc: BaseException, *, redact: Callable[[str], str] | None = No
     names = {cls.__name__ for cls in type(exc).__mro__}
     status = getattr(exc, "status_code", None)
     status = status if isinstance(status, int) else None
-    message = str(getattr(exc, "message", "") or exc) or type(exc).__name__
+    message = provider_message(str(getattr(exc, "message", "") or exc)) or type(exc).__name__
     if redact is not None:  # the worker's own keys, by value: a provider may echo the key it got
         message = redact(message)
     answer = _provider_answer(exc)

@@ -15,12 +15,34 @@ real model ids::
 
 Kinds every fake answers: ``rate_limit``, ``overloaded``, ``server_error``, ``auth`` (each
 provider's own status and body; see the subclass's ``ERRORS``).
+
+Tools and cut-offs, in each provider's own form::
+
+    fake.tool_call = ("lookup", {"q": "x"})  # offered tools and no tool result yet: this call
+    fake.cut_off = True                      # the answer stops at max_tokens (OpenAI's `length`)
+    fake.reply = '{"score": 7}'              # the text of the next answers (a structured answer)
+
+After a tool result the fake answers ``"<name> answers: tool said <the result's text>"``.
+
+Streaming (a request that asks to stream) answers in the provider's own event format (OpenAI SSE,
+Anthropic's event stream, Gemini's ``streamGenerateContent?alt=sse``), the text in word pieces::
+
+    fake.first_token_delay_s = 0.2   # before the first text event (time to first token)
+    fake.token_delay_s = 0.01        # between text events
+    fake.break_after = 3             # drop the connection after this many text events
+    fake.mid_stream_error = ("error", {...})  # or, at that point, send this event and end
+    fake.stream_started              # set when the first text event is written
+    fake.first_tokens                # when each stream's first text event was written (monotonic)
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -81,6 +103,17 @@ class ProviderFake:
         self._always: str | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.tool_call: tuple[str, dict[str, Any]] | None = None
+        self.cut_off = False
+        self.reply: str | None = None
+        self.first_token_delay_s = 0.0
+        self.token_delay_s = 0.0
+        self.break_after: int | None = None
+        self.mid_stream_error: tuple[str, dict[str, Any]] | None = None  # sent at break_after instead
+        self.stream_started = asyncio.Event()
+        self.streams_broken = 0
+        self.first_tokens: list[float] = []  # monotonic time each stream's first text event was written
+        self.first_token_of: dict[str, float] = {}  # the same, by the prompt it answered (OpenAI)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -172,9 +205,59 @@ class ProviderFake:
 
     def answer(self, prompt: str) -> Sent:
         """Record and return the reply: it names the provider and echoes the last user text."""
-        sent = Sent(f"{self.name} answers: {prompt[:200]}", self.prompt_tokens, self.completion_tokens)
+        text = self.reply if self.reply is not None else f"{self.name} answers: {prompt[:200]}"
+        sent = Sent(text, self.prompt_tokens, self.completion_tokens)
         self.sent.append(sent)
         return sent
+
+    def calls_tool(self, offered: bool, tool_result: str | None) -> tuple[str, dict[str, Any]] | None:
+        """The tool call to answer with: only when tools are offered and no result came back yet."""
+        return self.tool_call if offered and tool_result is None else None
+
+    def answer_tool_result(self, result: str) -> Sent:
+        return self.answer(f"tool said {result}")
+
+    async def sse(
+        self,
+        request: web.Request,
+        events: Iterable[tuple[str | None, dict[str, Any] | str, bool]],
+        prompt: str | None = None,
+    ) -> web.StreamResponse:
+        """Write ``(event name or None, data, is a text piece)`` as server-sent events, with the
+        scripted delays; after ``break_after`` text pieces the connection is dropped mid-stream."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        pieces = 0
+        for event, data, is_text in events:
+            if is_text:
+                if self.break_after is not None and pieces >= self.break_after:
+                    self.streams_broken += 1
+                    if self.mid_stream_error is not None:
+                        name, error = self.mid_stream_error
+                        await response.write(f"event: {name}\ndata: {json.dumps(error)}\n\n".encode())
+                        await response.write_eof()
+                        return response
+                    assert request.transport is not None
+                    request.transport.abort()  # mid-stream: no last chunk of the chunked encoding
+                    return response
+                await asyncio.sleep(self.first_token_delay_s if pieces == 0 else self.token_delay_s)
+                pieces += 1
+            text = data if isinstance(data, str) else json.dumps(data)
+            await response.write(((f"event: {event}\n" if event else "") + f"data: {text}\n\n").encode())
+            if is_text and pieces == 1:
+                self.first_tokens.append(time.monotonic())
+                if prompt is not None:
+                    self.first_token_of[prompt] = self.first_tokens[-1]
+                self.stream_started.set()
+        await response.write_eof()
+        return response
+
+
+def pieces(text: str) -> list[str]:
+    """``text`` in word-sized pieces (each word with the space after it), as models stream."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
 
 
 def request_id(prefix: str) -> str:

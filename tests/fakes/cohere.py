@@ -3,6 +3,9 @@
 - ``POST /v2/chat``; auth by ``Authorization: Bearer <key>``.
 - Body: ``model`` and ``messages`` (roles ``system``/``user``/``assistant``/``tool``) are
   required; the v1 fields ``message``/``chat_history``/``preamble`` do not exist in v2.
+- Tools: ``tools: [{"type": "function", "function": {"name", "parameters"}}]``; a call comes back
+  as ``message.tool_calls`` (with a ``tool_plan``) and ``finish_reason: "TOOL_CALL"``, answered by a
+  ``tool`` message whose ``tool_call_id`` names it. A cut-off answer: ``MAX_TOKENS``.
 - Answer: ``{"id", "finish_reason": "COMPLETE", "message": {"role": "assistant", "content":
   [{"type": "text", "text"}]}, "usage": {"billed_units": {"input_tokens", "output_tokens"},
   "tokens": {"input_tokens", "output_tokens"}}}``. ``billed_units`` is what Cohere charges;
@@ -17,6 +20,7 @@ the fake's ``api_base`` is ``{root}/v2/chat``.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -63,6 +67,12 @@ class FakeCohere(ProviderFake):
             return "invalid request: messages must not be empty"
         if any(m.get("role") not in ("system", "user", "assistant", "tool") for m in messages):
             return "invalid request: role must be one of system, user, assistant, tool"
+        called = {c.get("id") for m in messages for c in m.get("tool_calls") or []}
+        if any(m["role"] == "tool" and m.get("tool_call_id") not in called for m in messages):
+            return "invalid request: tool message's tool_call_id does not match any tool call"
+        for tool in body.get("tools") or []:
+            if tool.get("type") != "function" or "name" not in tool.get("function", {}):
+                return "invalid request: tools must be of type function with a function name"
         return None
 
     def error_body(self, kind: str, status: int) -> dict[str, Any]:
@@ -75,13 +85,26 @@ class FakeCohere(ProviderFake):
         received, failure = await self.receive(request)
         if failure is not None:
             return failure
-        last = received.body["messages"][-1].get("content", "")
-        prompt = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last)
-        sent = self.answer(prompt)
+        last_message = received.body["messages"][-1]
+        last = last_message.get("content", "")
+        prompt = last if isinstance(last, str) else " ".join(_part_text(part) for part in last)
+        tool_result = prompt if last_message["role"] == "tool" else None
+        call = self.calls_tool(bool(received.body.get("tools")), tool_result)
+        sent = self.answer_tool_result(prompt) if tool_result is not None else self.answer(prompt)
+        message: dict[str, Any] = {"role": "assistant", "content": [{"type": "text", "text": sent.text}]}
+        finish = "MAX_TOKENS" if self.cut_off else "COMPLETE"
+        if call is not None:
+            function = {"name": call[0], "arguments": json.dumps(call[1])}
+            message = {
+                "role": "assistant",
+                "tool_plan": f"I will call {call[0]}.",
+                "tool_calls": [{"id": request_id(f"{call[0]}_"), "type": "function", "function": function}],
+            }
+            finish = "TOOL_CALL"
         payload = {
             "id": request_id(""),
-            "finish_reason": "COMPLETE",
-            "message": {"role": "assistant", "content": [{"type": "text", "text": sent.text}]},
+            "finish_reason": finish,
+            "message": message,
             "usage": {
                 "billed_units": {
                     "input_tokens": self.billed_input_tokens,
@@ -91,3 +114,11 @@ class FakeCohere(ProviderFake):
             },
         }
         return web.json_response(payload)
+
+
+def _part_text(part: dict[str, Any]) -> str:
+    """A content part's text: a ``text`` part, or a tool result's ``document`` part."""
+    if part.get("type") == "document":
+        data = part.get("document", {}).get("data", "")
+        return data if isinstance(data, str) else json.dumps(data)
+    return str(part.get("text", ""))

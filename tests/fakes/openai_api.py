@@ -6,9 +6,17 @@ the faithful wire format, with scripted failures, for the provider tests.)
 - ``POST /v1/chat/completions``; auth by ``Authorization: Bearer <key>``.
 - Body: ``model`` and ``messages`` (roles ``system``/``developer``/``user``/``assistant``/
   ``tool``) are required.
+- Tools: ``tools: [{"type": "function", "function": {"name", "parameters"}}]``; a call comes back as
+  ``message.tool_calls: [{"id", "type": "function", "function": {"name", "arguments": <JSON
+  text>}}]`` with ``finish_reason: "tool_calls"``; its answer is a ``tool`` message whose
+  ``tool_call_id`` must name a preceding call (else 400). A cut-off answer: ``"length"``.
 - Answer: ``{"object": "chat.completion", "choices": [{"message": {"role": "assistant",
   "content"}, "finish_reason"}], "usage": {"prompt_tokens", "completion_tokens",
   "total_tokens", "prompt_tokens_details", "completion_tokens_details"}}`` with ``x-request-id``.
+- Streaming (``stream: true``): server-sent events, each ``data:`` a ``chat.completion.chunk`` whose
+  ``choices[0].delta`` holds a piece (``role`` first, then ``content`` or ``tool_calls[].function.
+  arguments`` pieces), the last with ``finish_reason``; with ``stream_options.include_usage`` one
+  more chunk with empty ``choices`` and the ``usage``; then ``data: [DONE]``.
 - Errors (https://platform.openai.com/docs/guides/error-codes): ``{"error": {"message", "type",
   "param", "code"}}``; 429 ``rate_limit_exceeded`` with ``x-ratelimit-*`` headers, 503 "The
   engine is currently overloaded", 500 ``server_error``, 401 ``invalid_api_key``.
@@ -16,12 +24,13 @@ the faithful wire format, with scripted failures, for the provider tests.)
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, ClassVar
 
 from aiohttp import web
 
-from tests.fakes.base import ProviderFake, Received, request_id
+from tests.fakes.base import ProviderFake, Received, pieces, request_id
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -49,6 +58,16 @@ class OpenAIChatFake(ProviderFake):
         bad = [m.get("role") for m in messages if m.get("role") not in ROLES]
         if bad:
             return f"Invalid value: '{bad[0]}'. Supported values are: {', '.join(ROLES)}."
+        called = {c["id"] for m in messages for c in m.get("tool_calls") or []}
+        for i, m in enumerate(messages):
+            if m["role"] == "tool" and m.get("tool_call_id") not in called:
+                return (
+                    f"Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+                    f"message with 'tool_calls' (messages.[{i}].tool_call_id)."
+                )
+        for i, tool in enumerate(body.get("tools") or []):
+            if tool.get("type") != "function" or not isinstance(tool.get("function", {}).get("name"), str):
+                return f"Missing required parameter: 'tools[{i}].function.name'."
         return None
 
     def extra_usage(self) -> dict[str, Any]:
@@ -57,13 +76,27 @@ class OpenAIChatFake(ProviderFake):
     def extra_fields(self) -> dict[str, Any]:
         return {}
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         received, failure = await self.receive(request)
         if failure is not None:
             return failure
-        last = received.body["messages"][-1].get("content") or ""
+        last_message = received.body["messages"][-1]
+        last = last_message.get("content") or ""
         prompt = last if isinstance(last, str) else " ".join(part.get("text", "") for part in last)
-        sent = self.answer(prompt)
+        tool_result = prompt if last_message["role"] == "tool" else None
+        call = self.calls_tool(bool(received.body.get("tools")), tool_result)
+        sent = self.answer_tool_result(prompt) if tool_result is not None else self.answer(prompt)
+        message: dict[str, Any] = {"role": "assistant", "content": sent.text, "refusal": None}
+        finish = "length" if self.cut_off else "stop"
+        if call is not None:
+            name, arguments = call
+            function = {"name": name, "arguments": json.dumps(arguments)}
+            message = {
+                **message,
+                "content": None,
+                "tool_calls": [{"id": request_id("call_"), "type": "function", "function": function}],
+            }
+            finish = "tool_calls"
         payload = {
             "id": request_id("chatcmpl-"),
             "object": "chat.completion",
@@ -72,9 +105,11 @@ class OpenAIChatFake(ProviderFake):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": sent.text, "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": "stop",
+                    "message": message,
+                    "logprobs": _logprobs(sent.text, received.body)
+                    if received.body.get("logprobs")
+                    else None,
+                    "finish_reason": finish,
                 }
             ],
             "usage": {
@@ -85,7 +120,63 @@ class OpenAIChatFake(ProviderFake):
             },
             **self.extra_fields(),
         }
+        if received.body.get("stream") is True:
+            return await self.sse(request, sse_chunks(payload, received.body), prompt)
         return web.json_response(payload, headers={"x-request-id": request_id("req_")})
+
+
+def sse_chunks(
+    payload: dict[str, Any], body: dict[str, Any], *, whole: bool = False
+) -> list[tuple[None, dict[str, Any] | str, bool]]:
+    """``payload`` (a whole completion) as the chunks OpenAI streams it in (``whole``: its text in
+    one piece)."""
+    head = {k: payload[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = payload["choices"][0]
+    message = choice["message"]
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    events: list[tuple[None, dict[str, Any] | str, bool]] = [
+        (None, chunk({"role": "assistant", "content": "", "refusal": None}), False)
+    ]
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        opening = {
+            "index": 0,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": function["name"], "arguments": ""},
+        }
+        events.append((None, chunk({"tool_calls": [opening]}), False))
+        for piece in pieces(function["arguments"]):
+            events.append(
+                (None, chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}), True)
+            )
+    if message.get("content"):
+        texts = [message["content"]] if whole else pieces(message["content"])
+        events += [(None, chunk({"content": piece}), True) for piece in texts]
+    events.append((None, chunk({}, choice["finish_reason"]), False))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        events.append((None, {**head, "choices": [], "usage": payload["usage"]}, False))
+    events.append((None, "[DONE]", False))
+    return events
+
+
+def _logprobs(text: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``choice.logprobs``: one entry per (here: whitespace) token, with ``top_logprobs``."""
+    top = body.get("top_logprobs") or 0
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**entry(token, -0.25), "top_logprobs": [entry(token, -0.25)] * top}
+            for token in (text or "").split()
+        ],
+        "refusal": None,
+    }
 
 
 class FakeOpenAIPlatform(OpenAIChatFake):
@@ -126,9 +217,11 @@ class FakeOpenAIPlatform(OpenAIChatFake):
         ),
     }
 
+    cached_tokens = 0  # of the prompt tokens, read from OpenAI's prompt cache
+
     def extra_usage(self) -> dict[str, Any]:
         return {
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": 0,
                 "audio_tokens": 0,

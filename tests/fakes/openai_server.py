@@ -14,7 +14,15 @@ model               behaviour
 ``slow<MS>``        sleeps MS milliseconds, then 200
 ``flaky<K>``        500 for the first K calls, then 200
 ``ratelimit<K>``    429 (``retry-after`` from :attr:`retry_after_s`) for K calls, then 200
+``long<N>``         200 with an answer of N characters
 ==================  ==========================================================================
+
+``rpm_limit`` makes the server an account with a requests-per-minute limit: past that many
+requests in any sliding 60 s (every model together), it answers 429 with a ``retry-after`` of the
+time until room comes back; ``rate_limited`` counts those 429s.
+
+A request with ``stream: true`` is answered in OpenAI's server-sent events (the chunks of
+``openai_api.py``), the whole answer in one text piece.
 
 ``latency_s`` adds a delay to every answer. ``calls`` counts requests per model; ``requests``
 keeps the last bodies and headers so a test can check what the provider received.
@@ -38,10 +46,12 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import listen
+from tests.fakes.openai_api import sse_chunks
 
 _STATUS = re.compile(r"^e(\d{3})$")
 _SLOW = re.compile(r"^slow(\d+)$")
 _FLAKY = re.compile(r"^(flaky|ratelimit)(\d+)$")
+_LONG = re.compile(r"^long(\d+)$")
 
 
 def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
@@ -58,6 +68,10 @@ class FakeOpenAI:
         self.retry_after_s = retry_after_s
         self.completion_tokens = completion_tokens
         self.calls: Counter[str] = Counter()
+        self.rpm_limit: int | None = None
+        self.rpm_model: str | None = None  # the one model the limit applies to (None: every model)
+        self.rate_limited = 0
+        self._admitted: deque[float] = deque()  # monotonic times of requests within rpm_limit
         self.requests: deque[dict[str, Any]] = deque(maxlen=200)
         self.in_flight = 0
         self.max_in_flight = 0
@@ -125,12 +139,33 @@ class FakeOpenAI:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         await self._notify()
         try:
-            return await self._answer(model, n, body)
+            answer = await self._answer(model, n, body)
+            if body.get("stream") is True and isinstance(answer, _Completion):
+                return await answer.streamed(request, body)
+            return answer
         finally:
             self.in_flight -= 1
             await self._notify()
 
+    def _over_rpm(self, model: str) -> float | None:
+        """Seconds until room, when this request is past ``rpm_limit`` (None: let through)."""
+        if self.rpm_limit is None or self.rpm_model not in (None, model):
+            return None
+        now = time.monotonic()
+        while self._admitted and self._admitted[0] <= now - 60:
+            self._admitted.popleft()
+        if len(self._admitted) >= self.rpm_limit:
+            self.rate_limited += 1
+            return self._admitted[0] + 60 - now
+        self._admitted.append(now)
+        return None
+
     async def _answer(self, model: str, n: int, body: dict[str, Any]) -> web.StreamResponse:
+        if (wait_s := self._over_rpm(model)) is not None:
+            payload = {
+                "error": {"message": "Rate limit reached for requests", "type": "requests", "code": None}
+            }
+            return web.json_response(payload, status=429, headers={"retry-after": f"{max(wait_s, 0.0):.3f}"})
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         if status := _STATUS.match(model):
@@ -183,7 +218,7 @@ class FakeOpenAI:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": f"[{model}] {last[:200]}"},
+                    "message": {"role": "assistant", "content": _content(model, last)},
                     "finish_reason": "stop",
                 }
             ],
@@ -193,7 +228,29 @@ class FakeOpenAI:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        return web.Response(text=json.dumps(payload), content_type="application/json")
+        return _Completion(payload)
+
+
+class _Completion(web.Response):
+    """A successful answer, which a streamed request gets as server-sent events instead."""
+
+    def __init__(self, payload: dict[str, Any]):
+        super().__init__(text=json.dumps(payload), content_type="application/json")
+        self.payload = payload
+
+    async def streamed(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _, data, _ in sse_chunks(self.payload, body, whole=True):
+            await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+
+def _content(model: str, last: str) -> str:
+    if long := _LONG.match(model):
+        return ("lorem ipsum " * (int(long.group(1)) // 12 + 1))[: int(long.group(1))]
+    return f"[{model}] {last[:200]}"
 
 
 async def _serve(port: int, latency_ms: float) -> None:
