@@ -24,6 +24,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
 
 from tests.fakes.openai_server import FakeOpenAI
 from tests.support.config import Names, llm_section, remove_names, write_config
@@ -34,6 +35,13 @@ from tests.support.services import PrivateRabbit
 from worker.app import running_worker
 from worker.client import LLMClient
 from worker.settings import Settings, load_settings
+
+# Property tests: no per-example deadline (two shared cores make any one example slow now and
+# then), and under CI (.ci/run sets CI=true) the same examples every run, so a red CI names a
+# change and not the luck of a draw. Run without CI to explore new examples.
+hypothesis_settings.register_profile("dev", deadline=None, print_blob=True)
+hypothesis_settings.register_profile("ci", parent=hypothesis_settings.get_profile("dev"), derandomize=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # -- services --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import signal
 from collections import Counter
@@ -209,7 +210,7 @@ async def test_poison_stream(config, amqp_url, names, fake, fault_reports):
     """Malformed messages of every kind among valid requests: each gets one `invalid` reply and a
     dead letter, never a provider call; the valid ones around them are served as usual."""
     fake.latency_s = LATENCY_S
-    seed = random.randrange(1 << 30)
+    seed = int(os.environ.get("POISON_SEED") or random.randrange(1 << 30))  # the seed a failure names
     rng = random.Random(seed)
     poison = [body for body, _ in malformed_bodies(rng)]
     stream: list[bytes] = poison + [json.dumps(body).encode() for body in requests("poison")]
@@ -236,8 +237,12 @@ async def test_poison_stream(config, amqp_url, names, fake, fault_reports):
     row = await report(fault_reports, "poison stream", load.sent, replies,
                        fake=fake, settings=settings, in_flight=in_flight)  # fmt: skip
     statuses = Counter(result.status for _, result in replies)
-    assert set(statuses) <= {Status.ok, Status.invalid}, f"seed {seed}: {statuses}"
+    # A randomly damaged body may still be a valid request: ok, or, when the damage hit the agent's
+    # name, forbidden (an agent not configured, answered and not dead-lettered). In 2,000 seeds of
+    # malformed_bodies() 4.4 % held such a body, which this line used to fail on (seed 20: POISON_SEED=20).
+    assert set(statuses) <= {Status.ok, Status.invalid, Status.forbidden}, f"seed {seed}: {statuses}"
     assert statuses[Status.invalid] >= len(poison) - 25  # the 25 randomly damaged may still be valid
+    assert statuses[Status.forbidden] <= 25, f"seed {seed}: {statuses}"
     assert await queue_depth(amqp_url, names.dead_letter_queue) == statuses[Status.invalid]
     assert row.twice == 0 and row.extra_calls == 0, f"seed {seed}"
 

@@ -77,3 +77,26 @@ def test_the_operators_redis_and_broker_tools_start_without_litellm():
     ).stdout.split()
     print(f"import of the CLI (budget, dlq, ask): {out[1]} s")
     assert out[0] == "False"
+
+
+def _ignored(name: str) -> bool:
+    as_folder = name.rstrip("/") + "/"  # a pattern such as `bench/.venv-proxy/` matches folders only
+    command = ["git", "check-ignore", "--no-index", name, as_folder]
+    check = subprocess.run(command, cwd=ROOT, capture_output=True)
+    return check.returncode == 0
+
+
+def test_every_file_the_docs_name_exists():
+    """A path in backquotes (`tests/state/test_cache.py`, `bench/soak.py`, `deploy/...`) names a
+    file or folder of this repository: a moved test or bench must take its docs along. Only what
+    the repository ignores (made on the machine: deploy/secrets/, bench/.venv-proxy) may be absent;
+    CHANGELOG.md keeps the paths each release had."""
+    roots = ("worker", "tests", "bench", "deploy", "config", "schemas", "docs", "client")
+    pattern = re.compile(rf"`((?:{'|'.join(roots)})/[\w./-]*)")
+    missing = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for name in pattern.findall(path.read_text())
+        if not (ROOT / name.rstrip(".")).exists() and "*" not in name and not _ignored(name)
+    }
+    assert missing == set()
