@@ -282,6 +282,7 @@ class Bus:
             content_type="application/json",
             correlation_id=correlation_id or result.request_id,
             message_id=result.request_id,
+            user_id=self._signed_by(),
             type=EMBEDDING_RESULT_TYPE if isinstance(result, EmbeddingResult) else message_type,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -318,6 +319,7 @@ class Bus:
             content_type="application/json",
             correlation_id=correlation_id or chunk.request_id,
             message_id=f"{chunk.request_id}#{chunk.seq}",
+            user_id=self._signed_by(),
             type=CHUNK_TYPE,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
@@ -325,6 +327,22 @@ class Bus:
         await self._publish_ch.default_exchange.publish(
             message, routing_key=reply_to, mandatory=False, timeout=PUBLISH_TIMEOUT_S
         )
+
+    def _signed_by(self) -> str | None:
+        """The AMQP ``user_id`` of our replies and chunks: the broker user we publish as.
+
+        RabbitMQ refuses a publish whose ``user_id`` is not its connection's user (validated
+        user-ID), so an agent that learns another's reply queue cannot pass a message off as ours:
+        ``LLMClient(worker_user=...)`` takes replies only from this user. With PLAIN login (an AMQP
+        URL's user, ``guest`` when it names none, as aiormq logs in); with another mechanism
+        (EXTERNAL: the user is the certificate's) the name is not known here and none is set.
+        """
+        conn = self._publish_conn
+        assert isinstance(conn, aio_pika.Connection), "call connect() first"
+        url = conn.url  # the broker in use: FailoverConnection moves it on
+        if url.query.get("auth", "plain").upper() != "PLAIN":
+            return None
+        return url.user or "guest"
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: dict[str, Any]) -> None:
         """Copy ``message`` to the dead-letter exchange with ``reason`` in ``x-dlq-*`` headers.

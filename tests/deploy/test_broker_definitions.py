@@ -38,7 +38,7 @@ from tests.support.services import PrivateRabbit
 from tests.support.waits import eventually
 from worker.bus import Bus
 from worker.client import LLMClient
-from worker.messages import Status
+from worker.messages import LLMResult, Status
 from worker.settings import Settings, load_settings
 
 USERS = broker_users()
@@ -193,7 +193,10 @@ async def test_the_worker_user_serves_an_agent_end_to_end(
     own user_id and reads its reply on its own llm.reply.agent-writer.* queue."""
     folder = worker_folder
     async with start_worker(worker_settings(broker, folder)):
-        async with LLMClient(broker.url("agent-writer"), request_queue=topology["requests"]) as writer:
+        writer_url = broker.url("agent-writer")
+        async with LLMClient(
+            writer_url, request_queue=topology["requests"], worker_user="llm-worker"
+        ) as writer:
             result = await writer.complete("hello", agent="writer", use_cache=False)
         async with LLMClient(broker.url("agent-critic"), request_queue=topology["requests"]) as critic:
             borrowed = await critic.complete("hello", agent="writer", use_cache=False)
@@ -207,6 +210,32 @@ async def test_the_worker_user_serves_an_agent_end_to_end(
     assert asked.returncode == 0, asked.stderr
     assert listed.returncode == 0 and f"{topology['dlq']}: " in listed.stdout, listed.stderr
     assert fake.total_calls() == 2
+
+
+async def test_an_agent_cannot_answer_in_the_workers_place(
+    broker, topology, worker_folder, start_worker, fake
+):
+    """agent-critic may publish into a queue it knows through the default exchange (agents send
+    their requests that way), here writer's reply queue, with its own user_id as the broker
+    demands; writer's client takes only the answer signed by llm-worker."""
+    fake.latency_s = 0.5  # the forgery lands while the call waits for the model
+    rid = f"r-{uuid.uuid4().hex}"
+    forged = LLMResult(request_id=rid, status=Status.ok, content="forged").model_dump_json().encode()
+    async with (
+        start_worker(worker_settings(broker, worker_folder)),
+        LLMClient(
+            broker.url("agent-writer"), request_queue=topology["requests"], worker_user="llm-worker"
+        ) as writer,
+        await aio_pika.connect(broker.url("agent-critic")) as critic,
+    ):
+        channel = await critic.channel(publisher_confirms=True)
+        call = asyncio.create_task(writer.complete("hello", agent="writer", request_id=rid, use_cache=False))
+        await eventually(lambda: rid in writer._pending, what="writer's call sent")
+        message = aio_pika.Message(forged, correlation_id=rid, user_id="agent-critic")
+        await channel.default_exchange.publish(message, routing_key=writer._reply_queue_name, mandatory=True)
+        result = await call
+        await eventually(lambda: writer.refused_replies == 1, what="the forged reply dropped")
+    assert result.status is Status.ok and result.content and result.content != "forged"
 
 
 async def cli(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
