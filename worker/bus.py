@@ -337,12 +337,7 @@ class Bus:
         URL's user, ``guest`` when it names none, as aiormq logs in); with another mechanism
         (EXTERNAL: the user is the certificate's) the name is not known here and none is set.
         """
-        conn = self._publish_conn
-        assert isinstance(conn, aio_pika.Connection), "call connect() first"
-        url = conn.url  # the broker in use: FailoverConnection moves it on
-        if url.query.get("auth", "plain").upper() != "PLAIN":
-            return None
-        return url.user or "guest"
+        return connections.login_user(self._publish_conn)
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: dict[str, Any]) -> None:
         """Copy ``message`` to the dead-letter exchange with ``reason`` in ``x-dlq-*`` headers.
@@ -355,6 +350,8 @@ class Bus:
         assert self._dlx is not None
         headers = {k: v for k, v in (message.headers or {}).items() if not str(k).startswith("x-dlq-")}
         headers.update({f"x-dlq-{k}": v for k, v in reason.items() if v is not None})
+        if message.user_id:  # who sent it, as RabbitMQ vouched; the copy is signed by us (below)
+            headers["x-dlq-user-id"] = message.user_id
         body = message.body
         if len(body) > self.settings.max_body_bytes:  # refused for its size: keep a sample, not all of it
             headers.update(
@@ -367,7 +364,7 @@ class Bus:
             body = body[:DEAD_LETTER_PREFIX_BYTES]
         async with self._one_by_id(message.message_id):
             confirm = await self._dlx.publish(
-                persistent_copy(message, headers, body=body),
+                persistent_copy(message, headers, body=body, user_id=self._signed_by()),
                 routing_key=self.settings.request_queue,
                 mandatory=True,
                 timeout=PUBLISH_TIMEOUT_S,
@@ -409,11 +406,17 @@ def _returned(confirm: object) -> bool:
 
 
 def persistent_copy(
-    message: AbstractIncomingMessage, headers: dict[str, Any], *, body: bytes | None = None
+    message: AbstractIncomingMessage,
+    headers: dict[str, Any],
+    *,
+    body: bytes | None = None,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
     """``message`` to publish again (a dead letter, a replay): its body (or ``body``) and
-    properties, persistent, stamped now, with ``headers`` instead of its own."""
+    properties, persistent, stamped now, with ``headers`` instead of its own. Its ``user_id`` is
+    the publisher's (``user_id``: RabbitMQ refuses any other), never the original's."""
     return aio_pika.Message(
+        user_id=user_id,
         body=message.body if body is None else body,
         headers=headers,
         content_type=message.content_type,

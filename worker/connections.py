@@ -140,6 +140,19 @@ async def amqp_plain(settings: BusSettings, *, name: str) -> AbstractConnection:
         raise BrokerUnreachable(_unreachable(url, exc)) from None
 
 
+def login_user(connection: object) -> str | None:
+    """The broker user ``connection`` logged in as, which RabbitMQ requires in the AMQP ``user_id``
+    of whatever it publishes (validated user-ID): with PLAIN login the URL's user, ``guest`` when
+    it names none (as aiormq logs in). ``None`` with another mechanism (EXTERNAL: the user is the
+    certificate's, not known here) or no connection."""
+    if not isinstance(connection, aio_pika.Connection):
+        return None
+    url = connection.url  # the broker in use: FailoverConnection moves it on
+    if url.query.get("auth", "plain").upper() != "PLAIN":
+        return None
+    return url.user or "guest"
+
+
 def _unreachable(url: str, exc: BaseException) -> str:
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return (

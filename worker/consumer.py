@@ -18,6 +18,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
 from worker import tracing
+from worker.boundary.identity import REPLAY_CALLER
 from worker.boundary.parse import peek_request
 from worker.bus import PUBLISH_TIMEOUT_S, Bus
 from worker.chunks import ChunkStream
@@ -113,6 +114,7 @@ class Worker:
             batch=message.routing_key == self.settings.bus.batch_queue_name,
             type=message.type,
             user_id=message.user_id,
+            replay_caller=(message.headers or {}).get(REPLAY_CALLER),
             reply_to=message.reply_to,
             open_stream=self._stream_opener(message),
         )

@@ -21,6 +21,10 @@ the replay cap counts what this tool did, not what a header says: each replay ad
 counter in Redis keyed by the sha-256 of the body (``<prefix>dlq:replays:<hex>``, kept 30 days),
 and ``x-replay-count`` is written for information only.
 
+A replay is published as the tool's own broker user (RabbitMQ checks ``user_id``) and names the
+request's original caller in ``x-replay-caller`` (:meth:`DeadLetter.caller`); a worker serves it as
+that caller when the tool's user is one of ``callers.replayers`` (:mod:`worker.boundary.identity`).
+
 Reading the queue takes messages without acking them and requeues them afterwards (AMQP 0-9-1
 cannot browse), so an interrupted command leaves every message in place. Replay publishes each
 chosen message to the request queue with a publisher confirm and acks (removes) it from the
@@ -36,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +53,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from worker import connections
+from worker.boundary.identity import REPLAY_CALLER
 from worker.boundary.parse import peek_request
 from worker.bus import PUBLISH_TIMEOUT_S, persistent_copy
 from worker.errors import DeadLetterError
@@ -138,17 +143,33 @@ class DeadLetter:
     def matches(self, *, reason: str | None, agent: str | None) -> bool:
         return (reason is None or self.reason == reason) and (agent is None or self.agent == agent)
 
-    def replay_message(self, run_id: str) -> aio_pika.Message:
-        """The request as it was published, plus the replay count; without the death headers."""
+    def caller(self, workers: Collection[str]) -> str | None:
+        """The broker user the request came from, as far as RabbitMQ vouches for it ("": it came
+        with none; None: not known). A copy a worker published (its validated ``user_id`` is one
+        of ``workers``) names it in ``x-dlq-user-id``; any other letter (the broker's own
+        dead-lettering, or a message someone put in the queue) keeps its publisher's ``user_id``.
+        Without ``workers`` (development, or no replayers: workers ignore the name then), a letter
+        with the worker's ``x-dlq-reason`` is taken for a worker's copy."""
+        user = self.message.user_id or None
+        if (user is not None and user in workers) or (not workers and "x-dlq-reason" in self.headers):
+            named = self.headers.get("x-dlq-user-id", "")
+            return named if isinstance(named, str) else None
+        return user
+
+    def replay_message(self, run_id: str, *, caller: str | None, user_id: str | None) -> aio_pika.Message:
+        """The request as it was published, plus the replay count; without the death headers.
+        Published as ``user_id`` (the replaying tool's broker user), on behalf of ``caller``."""
         headers = {k: v for k, v in self.headers.items() if not is_dead_letter_header(k)}
+        headers.pop(REPLAY_CALLER, None)  # whatever the request itself carried
         headers.update(
             {
                 "x-replay-count": self.replays + 1,
                 "x-replayed-at": datetime.now(UTC).isoformat(),
                 "x-replay-run": run_id,
+                **({REPLAY_CALLER: caller} if caller is not None else {}),
             }
         )
-        return persistent_copy(self.message, headers)
+        return persistent_copy(self.message, headers, user_id=user_id)
 
 
 class ReplayCounts:
@@ -214,9 +235,18 @@ class DeadLetters:
     """The dead-letter queue of one config. Use ``async with DeadLetters.open(settings) as dlq``."""
 
     def __init__(
-        self, settings: BusSettings, read: AbstractChannel, publish: AbstractChannel, counts: ReplayCounts
+        self,
+        settings: BusSettings,
+        read: AbstractChannel,
+        publish: AbstractChannel,
+        counts: ReplayCounts,
+        *,
+        workers: Collection[str] = (),
+        user: str | None = None,
     ):
+        """``workers``: ``callers.workers``; ``user``: the broker user this tool publishes as."""
         self.settings, self._read, self._publish, self.counts = settings, read, publish, counts
+        self.workers, self.user = workers, user
 
     @classmethod
     @asynccontextmanager
@@ -229,7 +259,9 @@ class DeadLetters:
             async with connection:
                 read = await connection.channel(publisher_confirms=False)
                 publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                yield cls(settings.bus, read, publish, ReplayCounts(redis, settings.redis.key_prefix))
+                counts = ReplayCounts(redis, settings.redis.key_prefix)
+                user = connections.login_user(connection)
+                yield cls(settings.bus, read, publish, counts, workers=settings.callers.workers, user=user)
         finally:
             await redis.aclose()
 
@@ -368,7 +400,7 @@ class DeadLetters:
         async def one(letter: DeadLetter) -> None:
             try:
                 await self._publish.default_exchange.publish(
-                    letter.replay_message(run_id),
+                    letter.replay_message(run_id, caller=letter.caller(self.workers), user_id=self.user),
                     routing_key=self.settings.request_queue,
                     mandatory=True,
                     timeout=PUBLISH_TIMEOUT_S,

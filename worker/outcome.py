@@ -46,6 +46,7 @@ class Delivery:
     batch: bool = False  # it came from the batch queue
     type: str | None = None  # the AMQP type: EMBEDDING_REQUEST_TYPE for an embedding request
     user_id: str | None = None  # the AMQP user_id, which RabbitMQ validated against the publisher
+    replay_caller: object = None  # the x-replay-caller header, whatever its type (identity.py judges)
     reply_to: str | None = None
     # open_stream(request_id): the chunks of a streamed answer to reply_to (None: no reply_to)
     open_stream: Callable[[str], ChunkStream] | None = None

@@ -97,7 +97,7 @@ class Pipeline:
             return parsed
         chunks: ChunkStream | None = None
         try:
-            user = self.callers.admit(delivery.user_id, parsed, delivery.reply_to)
+            user = self.callers.admit(delivery.user_id, parsed, delivery.reply_to, delivery.replay_caller)
             self.ledger.admit(parsed.agent, parsed.task_id)
             if isinstance(parsed, LLMRequest) and parsed.stream:
                 if delivery.reply_to is None or delivery.open_stream is None:

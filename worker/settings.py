@@ -482,6 +482,34 @@ class CallersSettings(BaseModel):
         "declares); any other `reply_to` is refused and dead-lettered (`ReplyToRefused`).",
     )
 
+    workers: list[str] = Field(
+        default=[],
+        description="The broker users workers publish as. A dead letter published by one of them "
+        "(its AMQP `user_id`, validated by RabbitMQ) names the request's caller in `x-dlq-user-id`, "
+        "and `dlq replay` sends the request again on that caller's behalf; a dead letter anyone "
+        "else put in the queue is replayed as its own publisher.",
+    )
+    replayers: list[str] = Field(
+        default=[],
+        description="The broker users whose replays (`dlq replay`) are served as the request's "
+        "original caller (header `x-replay-caller`): its grant, its reply queue, its idempotency. "
+        "From any other publisher that header is ignored.",
+    )
+
+    @model_validator(mode="after")
+    def _replayers_are_callers(self) -> CallersSettings:
+        if self.mode != "enforce" or not self.replayers:
+            return self
+        missing = [user for user in self.replayers if user not in self.users]
+        if missing:
+            raise ValueError(f"replayers {missing}: each must also be a user here (users.{missing[0]})")
+        if not self.workers:
+            raise ValueError(
+                "replayers is set but workers is not: name the workers' broker users (workers: "
+                "[llm-worker]), or a replay of their dead letters would be served as the worker"
+            )
+        return self
+
     @field_validator("users")
     @classmethod
     def _no_dot_in_user_names(cls, users: dict[str, CallerGrant]) -> dict[str, CallerGrant]:

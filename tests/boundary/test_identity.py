@@ -11,15 +11,18 @@ import uuid
 import aio_pika
 import pytest
 import yaml
+from pydantic import SecretStr
 from structlog.testing import capture_logs
 
 from tests.support.bodies import request_body
 from tests.support.http import Scrape, http_get
 from tests.support.ledger import day_state
 from tests.support.paths import ROOT
-from tests.support.queues import drain_queue
+from tests.support.queues import depth_at_least, drain_queue
+from tests.support.waits import eventually
 from worker.boundary.identity import Callers
 from worker.client import LLMClient
+from worker.deadletters import DeadLetters
 from worker.messages import LLMRequest, LLMResult, Status
 from worker.settings import CallersSettings, load_settings
 
@@ -226,3 +229,176 @@ def test_a_broker_user_name_with_a_dot_is_a_config_error():
     # "a" would own the reply prefix llm.reply.a. and with it every queue of user "a.b".
     with pytest.raises(ValueError, match=re.escape("user 'a.b': a broker user name here may not hold '.'")):
         CallersSettings.model_validate({"users": {"a.b": {"agents": ["writer"]}}})
+
+
+# -- replays: served as the original caller, only when the operator replays them --------------
+
+REPLAY_GRANTS = {
+    **GRANTS,
+    "users": {**GRANTS["users"], "operator": {"agents": ["*"], "models": ["*"]}},
+    "workers": ["guest"],  # the worker's broker user in this module
+    "replayers": ["operator"],
+}
+
+
+@pytest.fixture
+def replay_settings(config, agents_rabbit):
+    if "operator" not in agents_rabbit.ctl("list_users"):
+        agents_rabbit.ctl("add_user", "operator", "operator-pw")
+        agents_rabbit.ctl("set_permissions", "-p", "/", "operator", ".*", ".*", ".*")
+    folder = config(amqp=agents_rabbit.url)
+    (folder / "callers.yaml").write_text(yaml.safe_dump({"callers": REPLAY_GRANTS}))
+    return load_settings(folder, environ={})
+
+
+def operator_settings(settings):
+    """The operator's view of the same config: its own broker user, as `dlq replay` runs."""
+    url = SecretStr(as_user_url(settings, "operator"))
+    bus = settings.bus.model_copy(update={"url": url, "urls": [url]})
+    return settings.model_copy(update={"bus": bus})
+
+
+def as_user_url(settings, user: str) -> str:
+    return settings.bus.url.get_secret_value().replace("guest:guest", f"{user}:{user}-pw")
+
+
+class Inbox:
+    """A caller's own connection and reply queue (llm.reply.<user>.*), publishing as that user."""
+
+    def __init__(self, url: str, user: str):
+        self.url, self.user, self.replies = url, user, asyncio.Queue()
+
+    async def __aenter__(self) -> Inbox:
+        self.connection = await aio_pika.connect(self.url)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        self.queue = await self.channel.declare_queue(
+            f"llm.reply.{self.user}.{uuid.uuid4().hex}", exclusive=True
+        )
+        await self.queue.consume(self._arrived, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.connection.close()
+
+    async def _arrived(self, message) -> None:
+        await self.replies.put(message)
+
+    async def send(self, queue: str, body: dict, *, signed: bool = True, headers=None) -> None:
+        message = aio_pika.Message(
+            json.dumps(body).encode(), reply_to=self.queue.name, correlation_id=body["request_id"],
+            user_id=self.user if signed else None, headers=headers,
+        )  # fmt: skip
+        await self.channel.default_exchange.publish(message, routing_key=queue)
+
+    async def next(self) -> LLMResult:
+        message = await asyncio.wait_for(self.replies.get(), 30)
+        return LLMResult.model_validate_json(message.body)
+
+
+async def test_a_replayed_dead_letter_is_served_as_its_original_caller(
+    agents_rabbit, replay_settings, start_worker, fake, names
+):
+    """agent-writer's request fails (its provider is down) and is dead-lettered; the operator
+    replays it once the provider is back: it is served as agent-writer (writer's grant, writer's
+    reply queue, writer's stored answer), not as the operator, whose user only published it."""
+    settings, port = replay_settings, fake.port
+    writer_url = as_user(agents_rabbit, "agent-writer")
+    async with start_worker(settings), Inbox(writer_url, "agent-writer") as writer:
+        await fake.stop()
+        body = request_body("replay me", use_cache=False)
+        await writer.send(settings.bus.request_queue, body)
+        failed = await writer.next()
+        await fake.start(port)
+        (letter,) = await drain_queue(settings.bus.url.get_secret_value(), names.dead_letter_queue, keep=True)
+        assert letter.user_id == "guest" and letter.headers["x-dlq-user-id"] == "agent-writer"
+        async with DeadLetters.open(operator_settings(settings)) as dlq:
+            report = await dlq.replay()
+        replayed = await writer.next()
+        # The same request again, as the same caller: the stored answer, not another call.
+        await writer.send(settings.bus.request_queue, body)
+        again = await writer.next()
+    assert failed.status is Status.failed
+    assert len(report.replayed) == 1 and not report.failed
+    assert replayed.status is Status.ok and replayed.agent == "writer" and replayed.content
+    assert again.status is Status.ok and again.content == replayed.content
+    assert fake.total_calls() == 1
+
+
+async def test_a_letter_someone_put_in_the_queue_is_replayed_as_its_publisher(
+    agents_rabbit, replay_settings, start_worker, fake, names
+):
+    """agent-critic drops a writer request into the dead-letter queue claiming, in the headers a
+    worker's dead letter has, to be from agent-writer; or sends x-replay-caller itself. Neither
+    makes it writer: its letter is replayed as agent-critic, and critic may not act as writer."""
+    settings = replay_settings
+    critic_url = as_user(agents_rabbit, "agent-critic")
+    claims = {
+        "x-dlq-user-id": "agent-writer",
+        "x-dlq-reason": "ProviderError",
+        "x-replay-caller": "agent-writer",
+    }
+    async with start_worker(settings), Inbox(critic_url, "agent-critic") as critic:
+        await critic.send(names.dead_letter_queue, request_body("as writer, via the DLQ"), headers=claims)
+        async with DeadLetters.open(operator_settings(settings)) as dlq:
+            await dlq.replay()
+        via_replay = await critic.next()
+        await critic.send(settings.bus.request_queue, request_body("as writer, directly"), headers=claims)
+        direct = await critic.next()
+        # No user_id at all, only the claim: replayed as the operator, whose reply queue it is not.
+        anonymous = request_body("as writer, unsigned")
+        await critic.send(
+            names.dead_letter_queue, anonymous, signed=False, headers={"x-replay-caller": "agent-writer"}
+        )
+        async with DeadLetters.open(operator_settings(settings)) as dlq:
+            await dlq.replay()
+        await eventually(
+            lambda: depth_at_least(settings.bus.url.get_secret_value(), names.dead_letter_queue, 1),
+            what="the unsigned letter dead-lettered again",
+        )
+        (again,) = await drain_queue(settings.bus.url.get_secret_value(), names.dead_letter_queue)
+    assert (
+        again.headers["x-dlq-reason"] == "ReplyToRefused" and again.correlation_id == anonymous["request_id"]
+    )
+    assert "broker user 'operator'" in again.headers["x-dlq-message"]
+    assert critic.replies.empty()  # no answer to the unsigned one
+    for result in (via_replay, direct):
+        assert result.status is Status.forbidden, result
+        assert result.error is not None
+        assert result.error.message.startswith("broker user 'agent-critic' may not act as agent 'writer'")
+    assert fake.total_calls() == 0
+
+
+def test_replayers_need_grants_and_named_workers():
+    with pytest.raises(ValueError, match=r"replayers \['ops'\]: each must also be a user here"):
+        CallersSettings.model_validate({**REPLAY_GRANTS, "replayers": ["ops"]})
+    with pytest.raises(ValueError, match="replayers is set but workers is not"):
+        CallersSettings.model_validate({**REPLAY_GRANTS, "workers": []})
+
+
+@pytest.mark.parametrize(
+    ("header", "publisher", "served_as"),
+    [
+        ("agent-writer", "operator", "agent-writer"),
+        ("agent-writer", "agent-critic", "agent-critic"),  # not a replayer: ignored
+        (b"agent-writer", "operator", "operator"),  # not a string: ignored
+        (7, "operator", "operator"),
+        ("", "operator", "operator"),
+        ("x" * 256, "operator", "operator"),  # longer than any broker user name
+    ],
+)
+def test_only_a_replayer_names_the_caller(header, publisher, served_as):
+    callers = Callers(CallersSettings.model_validate(REPLAY_GRANTS))
+    request = LLMRequest.model_validate(
+        request_body("x", agent="writer" if served_as != "agent-critic" else "critic")
+    )
+    assert callers.admit(publisher, request, None, header) == served_as
+
+
+def test_in_development_mode_a_replay_keeps_any_caller_even_none():
+    """The offline profile trusts every publisher; a replay keeps whoever sent the request, ""
+    for a request that came without user_id, so the replay finds the answer stored for it."""
+    callers = Callers(CallersSettings(mode="development"))
+    request = LLMRequest.model_validate(request_body("x"))
+    assert callers.admit("guest", request, None, "") == ""
+    assert callers.admit("guest", request, None, "agent-x") == "agent-x"
+    assert callers.admit("guest", request, None, None) == "guest"

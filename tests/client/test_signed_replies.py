@@ -115,7 +115,7 @@ async def test_a_real_worker_signs_its_answers_and_chunks(make_settings, start_w
         ("amqps://broker/?auth=external", None),  # the certificate's user: not known here, not set
     ],
 )
-def test_the_user_id_is_the_user_the_worker_logs_in_as(url, signed):
+async def test_the_user_id_is_the_user_the_worker_logs_in_as(url, signed):  # the connection wants a loop
     bus = Bus.__new__(Bus)
     bus._publish_conn = aio_pika.RobustConnection(URL(url))  # not connected: only its URL is read
     assert bus._signed_by() == signed

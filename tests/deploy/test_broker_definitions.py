@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -236,6 +237,34 @@ async def test_an_agent_cannot_answer_in_the_workers_place(
         result = await call
         await eventually(lambda: writer.refused_replies == 1, what="the forged reply dropped")
     assert result.status is Status.ok and result.content and result.content != "forged"
+
+
+async def test_the_operators_replay_is_served_as_the_agent(
+    broker, topology, worker_folder, start_worker, fake
+):
+    """With the shipped callers.yaml (workers: llm-worker, replayers: operator): writer's request
+    fails while its provider is down and is dead-lettered; the operator's `dlq replay` is served
+    as agent-writer, so writer asking again gets the replayed answer from the result store."""
+    rid, port = f"r-{uuid.uuid4().hex}", fake.port
+    operator = {"AMQP_URL": f"amqp://operator@127.0.0.1:{broker.node.port}/",
+                "AMQP_PASSWORD_FILE": str(broker.secrets / "operator")}  # fmt: skip
+    async with (
+        start_worker(worker_settings(broker, worker_folder)),
+        LLMClient(
+            broker.url("agent-writer"), request_queue=topology["requests"], worker_user="llm-worker"
+        ) as writer,
+    ):
+        await fake.stop()
+        failed = await writer.complete("hello", agent="writer", request_id=rid, use_cache=False)
+        await fake.start(port)
+        replayed = await cli(worker_folder, operator, "dlq", "replay")
+        await eventually(lambda: fake.total_calls() == 1, what="the replay served")
+        asked_again_at = datetime.now(UTC)
+        again = await writer.complete("hello", agent="writer", request_id=rid, use_cache=False)
+    assert failed.status is Status.failed
+    assert replayed.returncode == 0 and replayed.stdout.startswith("replayed 1"), replayed.stderr
+    assert again.status is Status.ok and again.content and again.finished_at < asked_again_at
+    assert fake.total_calls() == 1
 
 
 async def cli(folder: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ status a caller acts on. Real broker and Redis, litellm's real code, wire-format
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 import yaml
@@ -261,11 +262,13 @@ async def test_a_dead_lettered_embedding_is_replayed_as_an_embedding(
         failed = await client.embed(TEXTS, agent="researcher", request_id=request_id)
         replayed = await run_cli(settings.config_dir, "dlq", "replay")
         await eventually(lambda: len(fake.embedded) == 1, what="the replayed embedding served")
+        asked_again_at = datetime.now(UTC)
         again = await client.embed(TEXTS, agent="researcher", request_id=request_id)
 
     assert failed.status is Status.failed and failed.error.type == "ServerError"
     assert replayed.code == 0 and replayed.out.startswith("replayed 1 dead letter(s)")
     assert again.status is Status.ok and [e.embedding for e in again.embeddings] == [vector(t) for t in TEXTS]
-    # The replay carries no user_id (the dlq tool's copy), so its answer is kept under another
-    # caller's key: the agent's second ask is served from the response cache, not the result store.
-    assert len(fake.embedded) == 1 and again.cached
+    # The replay is served as the agent's own caller (x-replay-caller), so the agent's second ask
+    # finds the replayed answer in the result store: the very answer, not a cache hit.
+    assert len(fake.embedded) == 1 and not again.cached
+    assert again.finished_at < asked_again_at  # the replay's answer, finished before the ask

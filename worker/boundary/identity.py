@@ -8,6 +8,10 @@ claimed, reserved or sent (:class:`~worker.errors.Forbidden`). In ``development`
 profile) every publisher may do anything, which the worker says at start-up. A ``reply_to`` must
 be the caller's own (Direct Reply-To, or a queue of ``reply_queue_prefix``): another agent's reply
 queue, the request queue or the dead-letter queue is refused, and the answer only dead-lettered.
+
+A replay (``dlq replay``) is published by the operator's user, and names the request's original
+caller in ``x-replay-caller``: from a user listed in ``replayers`` the request is served as that
+caller (its grant, its reply queue, its result store), from anyone else the header is ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from worker.settings import CallersSettings
 log = structlog.get_logger("worker.identity")
 ANY = "*"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+REPLAY_CALLER = "x-replay-caller"  # the header a replay names the original caller in
+MAX_USER_CHARS = 255  # RabbitMQ's limit on a user name (a shortstr)
 
 
 class Callers:
@@ -41,10 +47,20 @@ class Callers:
             )
 
     def admit(
-        self, user_id: str | None, request: LLMRequest | EmbeddingRequest, reply_to: str | None = None
+        self,
+        user_id: str | None,
+        request: LLMRequest | EmbeddingRequest,
+        reply_to: str | None = None,
+        replay_caller: object = None,
     ) -> str:
         """The caller's broker user ("" when not given, development mode only); raises
-        :class:`Forbidden` naming what was refused."""
+        :class:`Forbidden` naming what was refused. ``replay_caller``: the ``x-replay-caller``
+        header, taken as the caller when ``user_id`` is a replayer (any publisher in development
+        mode), ignored otherwise."""
+        # "" (the request came with no user_id) is honoured only where anonymity is: development.
+        named = isinstance(replay_caller, str) and len(replay_caller) <= MAX_USER_CHARS
+        if named and (not self.enforced or (replay_caller and user_id in self.settings.replayers)):
+            user_id = str(replay_caller)
         if not self.enforced:
             return user_id or ""
         if not user_id:
