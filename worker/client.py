@@ -169,18 +169,21 @@ class LLMClient:
         request_queue: str = "llm.requests",
         batch_queue: str | None = None,
         default_timeout_s: float = DEFAULT_TIMEOUT_S,
-        worker_user: str | None = None,
+        worker_user: str | Sequence[str] | None = None,
     ):
         """``batch_queue``: where ``priority="batch"`` requests go (default: ``request_queue + ".batch"``,
         the worker's default ``bus.batch_queue``).
 
         ``worker_user``: the broker user the worker publishes as (``llm-worker`` in the shipped
-        definitions). Set, a reply or chunk is taken only when its AMQP ``user_id`` is that user;
+        definitions), or several. Set, a reply or chunk is taken only when its AMQP ``user_id`` is one;
         RabbitMQ checks ``user_id`` against the publishing connection's user, so another agent
         that learns this client's reply queue cannot slip in an answer. ``None`` takes any valid
         reply naming the request, from whoever can publish into the reply queue."""
         self.amqp_url, self.request_queue = amqp_url, request_queue
         self.worker_user = worker_user
+        self._signers = frozenset([worker_user] if isinstance(worker_user, str) else worker_user or [])
+        if "" in self._signers:
+            raise InvalidRequest("worker_user: a broker user name, not ''")
         self.refused_replies = 0  # replies and chunks dropped for not coming from worker_user
         self.default_timeout_s = _check_timeout(default_timeout_s, "default_timeout_s")
         self.batch_queue = batch_queue or f"{request_queue}.batch"
@@ -232,11 +235,12 @@ class LLMClient:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         request_id = message.correlation_id or ""
-        if self.worker_user is not None and message.user_id != self.worker_user:
+        if self._signers and message.user_id not in self._signers:
             self.refused_replies += 1
+            signers = " or ".join(map(repr, sorted(self._signers)))
             log.warning(  # what it claimed to be, never its body
-                "reply for request %r dropped: published by broker user %r, not the worker's %r",
-                request_id[:128], (message.user_id or "")[:128], self.worker_user,
+                "reply for request %r dropped: published by broker user %r, not the worker's %s",
+                request_id[:128], (message.user_id or "")[:128], signers,
             )  # fmt: skip
             return
         stream = self._streams.get(request_id)

@@ -18,7 +18,7 @@ from tests.client.test_calls import fake_worker, result_for
 from tests.support.bodies import request_body
 from tests.support.peers import raw_peer
 from worker.bus import Bus
-from worker.client import LLMClient
+from worker.client import InvalidRequest, LLMClient
 from worker.messages import CHUNK_TYPE, LLMChunk, LLMResult, Status
 
 GUEST = "guest"  # the shared broker's one user: the fake worker's, the real worker's and the forger's
@@ -47,7 +47,7 @@ async def _forged_then_signed(message, exchange) -> None:
     await _publish(exchange, to, rid, result_for(rid, "the real answer"), user_id=GUEST)
 
 
-@pytest.mark.parametrize("worker_user", [GUEST, None])
+@pytest.mark.parametrize("worker_user", [GUEST, None, ("llm-worker", GUEST)])
 async def test_only_replies_from_the_workers_broker_user_resolve_a_call(amqp_url, names, worker_user, caplog):
     async with (
         fake_worker(amqp_url, names.request_queue, _forged_then_signed),
@@ -77,6 +77,11 @@ async def test_a_forged_chunk_does_not_enter_a_stream(amqp_url, names, worker_us
         assert pieces == ["forged "] and final.content == "forged"
     else:
         assert pieces == ["real "] and final.content == "the real answer" and llm.refused_replies == 2
+
+
+def test_an_empty_worker_user_is_refused():
+    with pytest.raises(InvalidRequest, match="worker_user: a broker user name"):
+        LLMClient("amqp://guest:guest@127.0.0.1/", worker_user=["llm-worker", ""])
 
 
 async def test_the_broker_refuses_a_user_id_that_is_not_the_publishers(amqp_url, names):

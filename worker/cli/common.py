@@ -46,5 +46,6 @@ async def over_the_bus(args: argparse.Namespace, call: Callable[[LLMClient], Awa
 
     settings = settings_of(args)
     url, queue = settings.bus.url.get_secret_value(), settings.bus.request_queue
-    async with LLMClient(url, request_queue=queue) as llm:
+    # Answers only from the workers' broker users, where callers.yaml names them.
+    async with LLMClient(url, request_queue=queue, worker_user=settings.callers.workers or None) as llm:
         return await call(llm)
