@@ -75,7 +75,9 @@ async def _ask(args: argparse.Namespace) -> int:
         "response_format": args.json_schema,
     }
     async with LLMClient(
-        settings.bus.url.get_secret_value(), request_queue=settings.bus.request_queue
+        settings.bus.url.get_secret_value(),
+        request_queue=settings.bus.request_queue,
+        worker_user=settings.callers.workers or None,  # answers only from the workers' broker users
     ) as llm:
         if not args.stream:
             result = await llm.complete(args.prompt, **options)
