@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from worker.boundary.parse import parse_embedding
 from worker.errors import CacheUnavailable, DeadlineExpired, InvalidRequest, ProviderError, WorkerError
 from worker.messages import EmbeddingRequest, Status
-from worker.outcome import AnyRequest, Delivery, Outcome, answer, refused
+from worker.outcome import AnyRequest, Delivery, Outcome, answer, call_failed, refused
 from worker.pipeline import Pipeline, _missed, _quietly, _Served, charged
 from worker.settings import EmbeddingSettings
 from worker.state.cache import CachedEmbedding
@@ -130,10 +130,7 @@ class EmbeddingPipeline(Pipeline):
                 )
             else:
                 await _quietly(self.ledger.release(reservation))
-            outcome = refused(request, started, exc)
-            outcome.result.model, outcome.result.attempts = exc.model or model, exc.attempts
-            outcome.result.fallback_used = exc.model not in (None, model)
-            return outcome
+            return call_failed(request, started, exc, model)
         except BaseException:
             await _quietly(self.ledger.release(reservation))  # cancelled mid-call: free the budget now
             raise

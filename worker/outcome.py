@@ -19,6 +19,7 @@ from worker.errors import (
     DeadlineExpired,
     Forbidden,
     InvalidRequest,
+    ProviderError,
     ReplyToRefused,
     RequestIdReused,
     WorkerError,
@@ -144,4 +145,13 @@ def refused(request: AnyRequest, started: float, error: WorkerError) -> Outcome:
         return answer(request, started, Status.forbidden, error=info)
     outcome = answer(request, started, Status.failed, error=info)
     outcome.dead_letter = True
+    return outcome
+
+
+def call_failed(request: AnyRequest, started: float, error: ProviderError, model: str) -> Outcome:
+    """The ``failed`` answer for a provider call to ``model`` (the first of its chain) that gave
+    up: with the last model tried, how many calls were made and whether that was a fallback."""
+    outcome = refused(request, started, error)
+    outcome.result.model, outcome.result.attempts = error.model or model, error.attempts
+    outcome.result.fallback_used = error.model not in (None, model)
     return outcome

@@ -34,7 +34,7 @@ from worker.errors import (
     WorkerError,
 )
 from worker.messages import ErrorInfo, LLMRequest, LLMResult, Status
-from worker.outcome import AnyRequest, Delivery, Outcome, answer, refused
+from worker.outcome import AnyRequest, Delivery, Outcome, answer, call_failed, refused
 from worker.state.cache import CachedAnswer, CachedEmbedding, ResponseCache
 from worker.state.ledger import NANO, BudgetLedger, ClaimingReserve, Reservation
 from worker.state.results import ResultStore, fingerprint, request_key, stored_form
@@ -301,10 +301,7 @@ class Pipeline:
             return outcome
         except ProviderError as exc:
             await _quietly(self.ledger.release(reservation))
-            outcome = refused(request, started, exc)
-            outcome.result.model, outcome.result.attempts = exc.model or model, exc.attempts
-            outcome.result.fallback_used = exc.model not in (None, model)
-            return outcome
+            return call_failed(request, started, exc, model)
         except BaseException:
             await _quietly(self.ledger.release(reservation))  # cancelled mid-call: free the budget now
             raise
