@@ -18,6 +18,7 @@ from tests.support.bodies import request_body
 from tests.support.http import Scrape, http_get
 from tests.support.ledger import day_state
 from tests.support.paths import ROOT
+from tests.support.peers import RawPeer, raw_peer
 from tests.support.queues import depth_at_least, drain_queue
 from tests.support.waits import eventually
 from worker.boundary.identity import Callers
@@ -262,37 +263,10 @@ def as_user_url(settings, user: str) -> str:
     return settings.bus.url.get_secret_value().replace("guest:guest", f"{user}:{user}-pw")
 
 
-class Inbox:
-    """A caller's own connection and reply queue (llm.reply.<user>.*), publishing as that user."""
-
-    def __init__(self, url: str, user: str):
-        self.url, self.user, self.replies = url, user, asyncio.Queue()
-
-    async def __aenter__(self) -> Inbox:
-        self.connection = await aio_pika.connect(self.url)
-        self.channel = await self.connection.channel(publisher_confirms=True)
-        self.queue = await self.channel.declare_queue(
-            f"llm.reply.{self.user}.{uuid.uuid4().hex}", exclusive=True
-        )
-        await self.queue.consume(self._arrived, no_ack=True)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.connection.close()
-
-    async def _arrived(self, message) -> None:
-        await self.replies.put(message)
-
-    async def send(self, queue: str, body: dict, *, signed: bool = True, headers=None) -> None:
-        message = aio_pika.Message(
-            json.dumps(body).encode(), reply_to=self.queue.name, correlation_id=body["request_id"],
-            user_id=self.user if signed else None, headers=headers,
-        )  # fmt: skip
-        await self.channel.default_exchange.publish(message, routing_key=queue)
-
-    async def next(self) -> LLMResult:
-        message = await asyncio.wait_for(self.replies.get(), 30)
-        return LLMResult.model_validate_json(message.body)
+async def reply(peer: RawPeer, n: int) -> LLMResult:
+    """The ``n``th reply the peer has had (from 1), once it is there."""
+    await peer.wait_replies(n)
+    return peer.results()[n - 1]
 
 
 async def test_a_replayed_dead_letter_is_served_as_its_original_caller(
@@ -303,20 +277,23 @@ async def test_a_replayed_dead_letter_is_served_as_its_original_caller(
     reply queue, writer's stored answer), not as the operator, whose user only published it."""
     settings, port = replay_settings, fake.port
     writer_url = as_user(agents_rabbit, "agent-writer")
-    async with start_worker(settings), Inbox(writer_url, "agent-writer") as writer:
+    async with (
+        start_worker(settings),
+        raw_peer(writer_url, settings.bus.request_queue, user="agent-writer") as writer,
+    ):
         await fake.stop()
         body = request_body("replay me", use_cache=False)
-        await writer.send(settings.bus.request_queue, body)
-        failed = await writer.next()
+        await writer.publish(body)
+        failed = await reply(writer, 1)
         await fake.start(port)
         (letter,) = await drain_queue(settings.bus.url.get_secret_value(), names.dead_letter_queue, keep=True)
         assert letter.user_id == "guest" and letter.headers["x-dlq-user-id"] == "agent-writer"
         async with DeadLetters.open(operator_settings(settings)) as dlq:
             report = await dlq.replay()
-        replayed = await writer.next()
+        replayed = await reply(writer, 2)
         # The same request again, as the same caller: the stored answer, not another call.
-        await writer.send(settings.bus.request_queue, body)
-        again = await writer.next()
+        await writer.publish(body)
+        again = await reply(writer, 3)
     assert failed.status is Status.failed
     assert len(report.replayed) == 1 and not report.failed
     assert replayed.status is Status.ok and replayed.agent == "writer" and replayed.content
@@ -337,18 +314,22 @@ async def test_a_letter_someone_put_in_the_queue_is_replayed_as_its_publisher(
         "x-dlq-reason": "ProviderError",
         "x-replay-caller": "agent-writer",
     }
-    async with start_worker(settings), Inbox(critic_url, "agent-critic") as critic:
-        await critic.send(names.dead_letter_queue, request_body("as writer, via the DLQ"), headers=claims)
+    async with (
+        start_worker(settings),
+        raw_peer(critic_url, settings.bus.request_queue, user="agent-critic") as critic,
+    ):
+        await critic.publish(
+            request_body("as writer, via the DLQ"), headers=claims, to=names.dead_letter_queue
+        )
         async with DeadLetters.open(operator_settings(settings)) as dlq:
             await dlq.replay()
-        via_replay = await critic.next()
-        await critic.send(settings.bus.request_queue, request_body("as writer, directly"), headers=claims)
-        direct = await critic.next()
+        via_replay = await reply(critic, 1)
+        await critic.publish(request_body("as writer, directly"), headers=claims)
+        direct = await reply(critic, 2)
         # No user_id at all, only the claim: replayed as the operator, whose reply queue it is not.
         anonymous = request_body("as writer, unsigned")
-        await critic.send(
-            names.dead_letter_queue, anonymous, signed=False, headers={"x-replay-caller": "agent-writer"}
-        )
+        claim = {"x-replay-caller": "agent-writer"}
+        await critic.publish(anonymous, headers=claim, to=names.dead_letter_queue, signed=False)
         async with DeadLetters.open(operator_settings(settings)) as dlq:
             await dlq.replay()
         await eventually(
@@ -360,7 +341,7 @@ async def test_a_letter_someone_put_in_the_queue_is_replayed_as_its_publisher(
         again.headers["x-dlq-reason"] == "ReplyToRefused" and again.correlation_id == anonymous["request_id"]
     )
     assert "broker user 'operator'" in again.headers["x-dlq-message"]
-    assert critic.replies.empty()  # no answer to the unsigned one
+    assert len(critic.replies) == 2  # no answer to the unsigned one
     for result in (via_replay, direct):
         assert result.status is Status.forbidden, result
         assert result.error is not None

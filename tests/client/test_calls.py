@@ -45,8 +45,18 @@ async def fake_worker(amqp_url: str, queue: str, reply: Replier) -> AsyncIterato
         yield seen
 
 
-async def send(exchange: aio_pika.abc.AbstractExchange, to: str, correlation_id: str, body: bytes) -> None:
-    await exchange.publish(aio_pika.Message(body=body, correlation_id=correlation_id), routing_key=to)
+async def send(
+    exchange: aio_pika.abc.AbstractExchange,
+    to: str,
+    correlation_id: str,
+    body: bytes,
+    *,
+    user_id: str | None = None,
+    kind: str | None = None,
+) -> None:
+    """A reply as a peer writes it: ``user_id`` (the broker checks it is the peer's) and AMQP ``type``."""
+    message = aio_pika.Message(body=body, correlation_id=correlation_id, user_id=user_id, type=kind)
+    await exchange.publish(message, routing_key=to)
 
 
 async def test_garbage_and_foreign_replies_do_not_resolve_the_call(amqp_url, names):

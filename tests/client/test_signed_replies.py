@@ -14,7 +14,7 @@ import aiormq
 import pytest
 from yarl import URL
 
-from tests.client.test_calls import fake_worker, result_for
+from tests.client.test_calls import fake_worker, result_for, send
 from tests.support.bodies import request_body
 from tests.support.peers import raw_peer
 from worker.bus import Bus
@@ -22,11 +22,6 @@ from worker.client import InvalidRequest, LLMClient
 from worker.messages import CHUNK_TYPE, LLMChunk, LLMResult, Status
 
 GUEST = "guest"  # the shared broker's one user: the fake worker's, the real worker's and the forger's
-
-
-async def _publish(exchange, to: str, rid: str, body: bytes, *, user_id: str | None, kind: str | None = None):
-    message = aio_pika.Message(body=body, correlation_id=rid, user_id=user_id, type=kind)
-    await exchange.publish(message, routing_key=to)
 
 
 def _chunk(rid: str, seq: int, text: str) -> bytes:
@@ -39,12 +34,12 @@ async def _forged_then_signed(message, exchange) -> None:
     rid, to = message.correlation_id, message.reply_to
     stream = json.loads(message.body).get("stream", False)
     if stream:
-        await _publish(exchange, to, rid, _chunk(rid, 0, "forged "), user_id=None, kind=CHUNK_TYPE)
-    await _publish(exchange, to, rid, result_for(rid, "forged"), user_id=None)
+        await send(exchange, to, rid, _chunk(rid, 0, "forged "), user_id=None, kind=CHUNK_TYPE)
+    await send(exchange, to, rid, result_for(rid, "forged"), user_id=None)
     await asyncio.sleep(0.2)
     if stream:
-        await _publish(exchange, to, rid, _chunk(rid, 0, "real "), user_id=GUEST, kind=CHUNK_TYPE)
-    await _publish(exchange, to, rid, result_for(rid, "the real answer"), user_id=GUEST)
+        await send(exchange, to, rid, _chunk(rid, 0, "real "), user_id=GUEST, kind=CHUNK_TYPE)
+    await send(exchange, to, rid, result_for(rid, "the real answer"), user_id=GUEST)
 
 
 @pytest.mark.parametrize("worker_user", [GUEST, None, ("llm-worker", GUEST)])

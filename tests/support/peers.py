@@ -28,8 +28,10 @@ class RawPeer:
         channel: aio_pika.abc.AbstractChannel,
         reply_queue: aio_pika.abc.AbstractQueue,
         request_queue: str,
+        user: str | None = None,
     ):
         self.channel, self.reply_queue, self.request_queue = channel, reply_queue, request_queue
+        self.user = user  # the AMQP user_id it publishes with (its connection's broker user)
         self.replies: list[AbstractIncomingMessage] = []
         self._arrived = asyncio.Condition()
 
@@ -45,7 +47,11 @@ class RawPeer:
         reply: bool = True,
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
+        to: str | None = None,
+        signed: bool = True,
     ) -> str:
+        """Publish ``body`` to the request queue (or the queue ``to``), with ``user_id`` unless
+        ``signed`` is false or the peer has no user; returns the correlation id."""
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
         if correlation_id is None:
             correlation_id = (
@@ -58,8 +64,9 @@ class RawPeer:
                 headers=headers or {},
                 reply_to=self.reply_queue.name if reply else None,
                 content_type="application/json",
+                user_id=self.user if signed else None,
             ),
-            routing_key=self.request_queue,
+            routing_key=to or self.request_queue,
         )
         return correlation_id
 
@@ -85,14 +92,17 @@ class RawPeer:
 
 
 @asynccontextmanager
-async def raw_peer(amqp_url: str, request_queue: str) -> AsyncIterator[RawPeer]:
+async def raw_peer(amqp_url: str, request_queue: str, *, user: str | None = None) -> AsyncIterator[RawPeer]:
+    """``user``: the URL's broker user, as an agent under enforced identity: publish with its
+    ``user_id`` and read replies from a queue of its own (``llm.reply.<user>.*``)."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
+        owner = f"llm.reply.{user}" if user else "t.reply"
         reply_queue = await channel.declare_queue(
-            f"t.reply.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+            f"{owner}.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
         )
-        peer = RawPeer(channel, reply_queue, request_queue)
+        peer = RawPeer(channel, reply_queue, request_queue, user)
         await reply_queue.consume(peer._on_reply, no_ack=True)
         yield peer
 
