@@ -32,9 +32,9 @@ from tests.support.faults import (
     FaultReport,
     SteadyLoad,
     answered,
-    is_final,
     parsed,
     quiesce,
+    redis_fault_under_load,
     requests,
     strike,
 )
@@ -42,13 +42,11 @@ from tests.support.ledger import day_state
 from tests.support.peers import FAST_RECONNECT, ReplyInbox, raw_peer
 from tests.support.processes import WorkerProcess, start_replicas
 from tests.support.queues import (
-    depth_is,
     queue_depth,
 )
 from tests.support.services import PrivateRedis
 from tests.support.waits import eventually
 from worker.app import running_worker
-from worker.deadletters import DeadLetters
 from worker.messages import LLMResult, Status
 from worker.settings import Settings, load_settings
 
@@ -147,26 +145,16 @@ async def test_redis_restart(config, amqp_url, names, fake, fault_reports):
                 await asyncio.sleep(REDIS_OUTAGE_S)  # the outage, under load
                 await redis.start()
 
-            async with SteadyLoad(peer.publish, bodies, per_s=40) as load:
-                in_flight = await strike(load, outage,
-                                         busy=lambda: len(peer.replies) >= 30 and len(worker.in_flight) >= 3,
-                                         in_flight=lambda: len(worker.in_flight))  # fmt: skip
-            await eventually(lambda: set(load.sent) <= {m.correlation_id for m in peer.replies},
-                             timeout_s=90, what="a reply to every request")  # fmt: skip
-            failed = sum(not is_final(result) for _, result in parsed(peer.replies))
-            await eventually(lambda: depth_is(amqp_url, names.dead_letter_queue, failed),
-                             what=f"the {failed} failed requests dead-lettered")  # fmt: skip
-            async with DeadLetters.open(settings) as dlq:
-                replay = await dlq.replay(reason="LedgerUnavailable")
-            if await answered(load.sent, lambda: parsed(peer.replies)):
-                await quiesce(worker, amqp_url, names.request_queue, peer.flush)
+            seen = await redis_fault_under_load(
+                outage, bodies, worker=worker, peer=peer, settings=settings, amqp_url=amqp_url
+            )
 
-        row = await report(fault_reports, "Redis restart", load.sent, parsed(peer.replies),
-                           fake=fake, settings=settings, in_flight=in_flight)  # fmt: skip
+        row = await report(fault_reports, "Redis restart", seen.load.sent, parsed(peer.replies),
+                           fake=fake, settings=settings, in_flight=seen.in_flight)  # fmt: skip
     finally:
         await redis.destroy()
-    assert failed > 0, "no request arrived during the outage"
-    assert row.replayed == len(replay.replayed) == failed
+    assert seen.failed > 0, "no request arrived during the outage"
+    assert row.replayed == seen.replayed == seen.failed
     assert row.twice == 0  # a `failed` reply then an `ok` one is one answer; two `ok` would be a defect
     assert row.extra_calls == 0
 

@@ -27,23 +27,17 @@ from tests.support.faults import (
     LLM,
     PREFETCH,
     ReplyGaps,
-    SteadyLoad,
-    answered,
-    is_final,
     parsed,
-    quiesce,
     record,
+    redis_fault_under_load,
     requests,
-    strike,
     tally,
 )
 from tests.support.peers import raw_peer
-from tests.support.queues import depth_is
 from tests.support.services import PrivateRedis
 from tests.support.waits import eventually
 from worker import connections
 from worker.app import running_worker
-from worker.deadletters import DeadLetters
 from worker.settings import Budget, Settings, load_settings
 from worker.state.ledger import BudgetLedger, to_nano
 from worker.state.results import request_key, result_key
@@ -100,30 +94,24 @@ async def test_redis_primary_killed(wait_replicas, config, amqp_url, names, fake
                                  timeout_s=30, what="the replica promoted")  # fmt: skip
                 promoted_after.append(asyncio.get_running_loop().time() - started)
 
-            async with SteadyLoad(peer.publish, requests("sentinel"), per_s=40) as load:
-                in_flight = await strike(load, kill_primary,
-                                         busy=lambda: len(peer.replies) >= 30 and len(worker.in_flight) >= 3,
-                                         in_flight=lambda: len(worker.in_flight))  # fmt: skip
-            await eventually(lambda: set(load.sent) <= {m.correlation_id for m in peer.replies},
-                             timeout_s=90, what="a reply to every request")  # fmt: skip
-            failed = sum(not is_final(result) for _, result in parsed(peer.replies))
-            await eventually(lambda: depth_is(amqp_url, names.dead_letter_queue, failed),
-                             what=f"the {failed} failed requests dead-lettered")  # fmt: skip
-            async with DeadLetters.open(settings) as dlq:
-                await dlq.replay(reason="LedgerUnavailable")
-            if await answered(load.sent, lambda: parsed(peer.replies)):
-                await quiesce(worker, amqp_url, names.request_queue, peer.flush)
+            seen = await redis_fault_under_load(
+                kill_primary,
+                requests("sentinel"),
+                worker=worker,
+                peer=peer,
+                settings=settings,
+                amqp_url=amqp_url,
+            )
         fault = f"Redis failover, {'WAIT 1' if wait_replicas else 'async'}"
-        row = record(
-            fault_reports, await tally(fault, load, parsed(peer.replies), fake, settings, in_flight), gaps
-        )
+        tallied = await tally(fault, seen.load, parsed(peer.replies), fake, settings, seen.in_flight)
+        row = record(fault_reports, tallied, gaps)
         ok_ids = [r.request_id for _, r in parsed(peer.replies) if r.status.value == "ok"]
         stored = await stored_answers(settings, sorted(set(ok_ids)))
     finally:
         await sentinels.destroy()
     figures.append(
         f"{fault}: replica promoted {promoted_after[0]:.2f} s after the kill; failed closed and replayed "
-        f"{failed}; lost charges {row.ok - row.ledger_calls}, lost stored answers "
+        f"{seen.failed}; lost charges {row.ok - row.ledger_calls}, lost stored answers "
         f"{len(set(ok_ids)) - stored} of {len(set(ok_ids))}, reservations left {row.reserved_usd:g} USD"
     )
     assert row.lost == 0 and row.different_answers == []

@@ -36,9 +36,11 @@ import pytest
 
 from tests.support.bodies import request_body
 from tests.support.ledger import day_state
-from tests.support.queues import queue_depth
+from tests.support.peers import RawPeer
+from tests.support.queues import depth_is, queue_depth
 from tests.support.waits import eventually
 from worker.consumer import Worker
+from worker.deadletters import DeadLetters
 from worker.messages import LLMResult, Status
 from worker.settings import Settings
 from worker.state.ledger import NANO, ScopeState
@@ -290,6 +292,44 @@ async def quiesce(worker: Worker, amqp_url: str, queue: str, flush: Callable[[],
 
     await eventually(idle, what="every request acked")
     await flush()
+
+
+@dataclass
+class FailedClosed:
+    """What :func:`redis_fault_under_load` saw."""
+
+    load: SteadyLoad
+    in_flight: int  # the worker's calls in flight as the fault struck
+    failed: int  # requests answered `failed` (Redis gone: fail closed) and dead-lettered
+    replayed: int  # of those, replayed from the dead-letter queue
+
+
+async def redis_fault_under_load(
+    fault: Callable[[], Awaitable[object]],
+    bodies: list[dict[str, Any]],
+    *,
+    worker: Worker,
+    peer: RawPeer,
+    settings: Settings,
+    amqp_url: str,
+) -> FailedClosed:
+    """Strike with ``fault`` (Redis stopped, or its primary killed) under 40 requests/s once the
+    worker is busy; wait for a reply to every request and for each one that failed closed to be
+    dead-lettered; replay those (`LedgerUnavailable`) and wait until everything is answered."""
+    async with SteadyLoad(peer.publish, bodies, per_s=40) as load:
+        in_flight = await strike(load, fault,
+                                 busy=lambda: len(peer.replies) >= 30 and len(worker.in_flight) >= 3,
+                                 in_flight=lambda: len(worker.in_flight))  # fmt: skip
+    await eventually(lambda: set(load.sent) <= {m.correlation_id for m in peer.replies},
+                     timeout_s=90, what="a reply to every request")  # fmt: skip
+    failed = sum(not is_final(result) for _, result in parsed(peer.replies))
+    await eventually(lambda: depth_is(amqp_url, settings.bus.dead_letter_queue, failed),
+                     what=f"the {failed} failed requests dead-lettered")  # fmt: skip
+    async with DeadLetters.open(settings) as dlq:
+        replay = await dlq.replay(reason="LedgerUnavailable")
+    if await answered(load.sent, lambda: parsed(peer.replies)):
+        await quiesce(worker, amqp_url, settings.bus.request_queue, peer.flush)
+    return FailedClosed(load, in_flight, failed, len(replay.replayed))
 
 
 def record(fault_reports: list[FaultReport], row: FaultReport, gaps: ReplyGaps) -> FaultReport:
