@@ -5,58 +5,16 @@ bad timeout is refused before anything is sent; a lost broker raises the client'
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 
-import aio_pika
 import pytest
 from yarl import URL
 
+from tests.support.peers import fake_worker, result_for, send
 from tests.support.ports import free_port
 from tests.support.proxy import CuttableProxy
 from tests.support.queues import queue_depth
 from worker.client import BrokerUnavailable, InvalidRequest, LLMClient, LLMClientError, RequestInFlight
-from worker.messages import LLMResult, Status
-
-Replier = Callable[[aio_pika.abc.AbstractIncomingMessage, aio_pika.abc.AbstractExchange], Awaitable[None]]
-
-
-def result_for(request_id: str, content: str) -> bytes:
-    return LLMResult(request_id=request_id, status=Status.ok, content=content).model_dump_json().encode()
-
-
-@asynccontextmanager
-async def fake_worker(amqp_url: str, queue: str, reply: Replier) -> AsyncIterator[list[str]]:
-    """A peer on the request queue that answers each request with ``reply``; yields the ids seen."""
-    seen: list[str] = []
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        q = await channel.declare_queue(queue, auto_delete=True)
-
-        async def on_request(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            async with message.process():
-                seen.append(json.loads(message.body)["request_id"])
-                await reply(message, channel.default_exchange)
-
-        await q.consume(on_request)
-        yield seen
-
-
-async def send(
-    exchange: aio_pika.abc.AbstractExchange,
-    to: str,
-    correlation_id: str,
-    body: bytes,
-    *,
-    user_id: str | None = None,
-    kind: str | None = None,
-) -> None:
-    """A reply as a peer writes it: ``user_id`` (the broker checks it is the peer's) and AMQP ``type``."""
-    message = aio_pika.Message(body=body, correlation_id=correlation_id, user_id=user_id, type=kind)
-    await exchange.publish(message, routing_key=to)
 
 
 async def test_garbage_and_foreign_replies_do_not_resolve_the_call(amqp_url, names):

@@ -14,9 +14,8 @@ import aiormq
 import pytest
 from yarl import URL
 
-from tests.client.test_calls import fake_worker, result_for, send
 from tests.support.bodies import request_body
-from tests.support.peers import raw_peer
+from tests.support.peers import fake_worker, raw_peer, result_for, send
 from worker.bus import Bus
 from worker.client import InvalidRequest, LLMClient
 from worker.messages import CHUNK_TYPE, LLMChunk, LLMResult, Status

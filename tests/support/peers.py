@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from worker.messages import LLMResult
+from worker.messages import LLMResult, Status
 
 FLUSH_MARKER = "flush-marker"
 
@@ -105,6 +105,47 @@ async def raw_peer(amqp_url: str, request_queue: str, *, user: str | None = None
         peer = RawPeer(channel, reply_queue, request_queue, user)
         await reply_queue.consume(peer._on_reply, no_ack=True)
         yield peer
+
+
+# -- a stand-in for the worker, for the client's tests ----------------------------------------
+
+Replier = Callable[[aio_pika.abc.AbstractIncomingMessage, aio_pika.abc.AbstractExchange], Awaitable[None]]
+
+
+def result_for(request_id: str, content: str) -> bytes:
+    return LLMResult(request_id=request_id, status=Status.ok, content=content).model_dump_json().encode()
+
+
+@asynccontextmanager
+async def fake_worker(amqp_url: str, queue: str, reply: Replier) -> AsyncIterator[list[str]]:
+    """A peer on the request queue that answers each request with ``reply``; yields the ids seen."""
+    seen: list[str] = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        q = await channel.declare_queue(queue, auto_delete=True)
+
+        async def on_request(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                seen.append(json.loads(message.body)["request_id"])
+                await reply(message, channel.default_exchange)
+
+        await q.consume(on_request)
+        yield seen
+
+
+async def send(
+    exchange: aio_pika.abc.AbstractExchange,
+    to: str,
+    correlation_id: str,
+    body: bytes,
+    *,
+    user_id: str | None = None,
+    kind: str | None = None,
+) -> None:
+    """A reply as a peer writes it: ``user_id`` (the broker checks it is the peer's) and AMQP ``type``."""
+    message = aio_pika.Message(body=body, correlation_id=correlation_id, user_id=user_id, type=kind)
+    await exchange.publish(message, routing_key=to)
 
 
 FAST_RECONNECT = "?reconnect_interval=1"  # aio-pika's default is 5 s
