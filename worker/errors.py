@@ -189,8 +189,8 @@ class StreamBroken(ProviderError):
 
 # litellm class name -> (our kind, retryable). Order matters: subclasses before bases.
 _LITELLM_KINDS: tuple[tuple[str, str, bool], ...] = (
-    # The Router cooled every deployment of the group down (after a 401/404, or repeated failures):
-    # try later or elsewhere. Its cooldown_time becomes the wait hint.
+    # litellm's Router cooled every deployment of the group down (worker.routing raises its own
+    # NoHealthyDeployment now; kept for a Router in front of litellm, e.g. a proxy's): try later.
     ("RouterRateLimitError", "NoHealthyDeployment", True),
     ("RouterRateLimitErrorBasic", "NoHealthyDeployment", True),
     ("ContextWindowExceededError", "ContextWindowExceeded", False),

@@ -1,15 +1,15 @@
-"""The one litellm Router, and a call through it with retries, fallbacks and a total deadline.
+"""A call to a model group with retries, fallbacks and a total deadline, through ``litellm.acompletion``.
 
-Why our own retry loop around ``Router.acompletion(num_retries=0)`` rather than the Router's:
+Why our own retry loop around ``litellm.acompletion(num_retries=0)`` rather than litellm's Router:
 the Router's ``timeout`` is per attempt and its backoff sleeps ignore any overall deadline, so a
 hung provider costs ``retries x timeout`` before a fallback (failoverbench measured ~96 s), and a
-cancelled call cannot say how many attempts it made. Here every attempt gets
-``min(timeout, time left)``, backoff never sleeps past the deadline, Retry-After is honoured,
-and the result counts attempts and fallbacks exactly. The Router still owns what it is good at:
-the deployment list, provider translation, load balancing and cooldowns within a model group.
-The provider SDK's own retries are off (the Router pins ``max_retries=0``: with them on, a bare
-``num_retries=3`` on a 429 was measured at 7 upstream calls, since litellm's retries stack on
-the SDK's; CHANGELOG 0.1.0).
+cancelled call cannot say how many attempts it made. Here every attempt is bounded by the time
+left, backoff never sleeps past the deadline, Retry-After is honoured, and the result counts
+attempts and fallbacks exactly. The pick of a deployment within a group and its cooldowns are
+:mod:`worker.routing`'s (the Router's layers cost 0.24 ms of CPU per call, issue #21); litellm
+owns provider translation. The provider SDK's own retries are off (``max_retries=0``: with them
+on, a bare ``num_retries=3`` on a 429 was measured at 7 upstream calls, since litellm's retries
+stack on the SDK's; CHANGELOG 0.1.0).
 
 litellm's process-wide settings are set once, here, in :func:`configure_litellm`.
 """
@@ -41,8 +41,9 @@ import structlog
 
 from worker import tracing
 from worker.errors import ConfigError, InvalidRequest, ProviderError, StreamBroken, from_litellm
-from worker.llm_stream import STREAM_KWARGS, DeltaSink, StreamProgress, assemble, plain_stream, read_stream
+from worker.llm_stream import STREAM_KWARGS, DeltaSink, StreamProgress, assemble, read_stream
 from worker.messages import EmbeddingRequest, JSONSchemaFormat, LLMRequest, ThinkingBlock, Tokens, ToolCall
+from worker.routing import Routes, Target
 from worker.secrets import Redactor
 from worker.settings import Deployment, LLMSettings, resolve_secrets
 from worker.throttle import Admission, Throttle, no_room_error
@@ -57,6 +58,7 @@ _UNBILLABLE_PROVIDERS = {
     "the budgets) and reports 4xx errors as connection errors: use openai/ with the same api_base",
 }
 _FORBIDDEN_PARAMS = ("num_retries", "max_retries", "fallbacks")
+_ONE_TRY = {"num_retries": 0, "max_retries": 0}  # litellm's and the provider SDK's retries: ours decide
 
 
 def configure_litellm() -> None:
@@ -68,7 +70,7 @@ def configure_litellm() -> None:
     litellm.callbacks = []
     litellm.cache = None
     # OpenAI embeddings read `max_retries or litellm.DEFAULT_MAX_RETRIES` (llms/openai/openai.py in
-    # 1.82.6), so the Router's max_retries=0 became the SDK's 2 retries: one 429 was two upstream
+    # 1.82.6), so max_retries=0 became the SDK's 2 retries: one 429 was two upstream
     # calls inside one attempt of ours (tests/embeddings/test_path.py).
     litellm.DEFAULT_MAX_RETRIES = 0
     for name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "litellm"):
@@ -200,6 +202,7 @@ class _Attempts:
     share: float = 1.0  # of a rate limit's room this call may take (batch: less)
     sink: DeltaSink | None = None  # a streamed call: where its pieces go
     progress: StreamProgress | None = None  # of the last attempt's stream
+    deployment: str | None = None  # the id of the deployment that answered (its price)
 
     @property
     def streamed(self) -> bool:
@@ -213,7 +216,7 @@ class LLM:
     def __init__(
         self,
         settings: LLMSettings,
-        router: litellm.Router,
+        routes: Routes,
         *,
         sleep: Any = asyncio.sleep,
         events: LLMEvents | None = None,
@@ -225,7 +228,7 @@ class LLM:
         self.settings = settings
         self.throttle = throttle
         self._redactor = redactor or Redactor()
-        self.router = router
+        self.routes = routes
         self._sleep = sleep
         self.events: LLMEvents = events or _NoEvents()
         self._counting = asyncio.Semaphore(1)  # large prompts counted off the loop, one at a time
@@ -252,11 +255,10 @@ class LLM:
         events: LLMEvents | None = None,
         redactor: Redactor | None = None,
         throttle: Throttle | None = None,
-        **router_kwargs: Any,
     ) -> LLM:
-        """Build the Router from ``settings.models``; raise :class:`ConfigError` on a bad deployment."""
+        """The routes of ``settings.models``, secrets resolved; :class:`ConfigError` on a bad deployment."""
         configure_litellm()
-        model_list = []
+        targets = []
         for i, d in enumerate(settings.models):
             params = d.litellm_params
             for forbidden in _FORBIDDEN_PARAMS:
@@ -282,34 +284,15 @@ class LLM:
                     f"llm.models.{i}.litellm_params.model",
                     f"'{provider}/' {_UNBILLABLE_PROVIDERS[provider]}",
                 )
-            # Not supports_response_schema: the Router writes model_info into litellm's process-wide
-            # model map, where one deployment's "false" would be read for every deployment of that model.
-            # Nor mode (ours: which settings may name the model): litellm routes by its map's mode, and
-            # "chat" sent Perplexity's Agent API model to chat completions (a 404).
-            info = d.model_info.model_dump(exclude={"supports_response_schema", "mode"}, exclude_none=True)
-            model_info = {**info, "id": f"{d.model_name}#{i}"}
-            model_list.append(
-                {
-                    "model_name": d.model_name,
-                    "litellm_params": resolve_secrets(params, environ),
-                    "model_info": model_info,
-                }
-            )
-        router = litellm.Router(
-            model_list=model_list,
-            num_retries=0,
-            timeout=settings.timeout,
-            **{"allowed_fails": 3, "cooldown_time": 30, **router_kwargs},
-        )
-        router._acompletion_streaming_iterator = plain_stream  # see llm_stream.plain_stream
-        return cls(settings, router, events=events, redactor=redactor, throttle=throttle)
+            targets.append(Target(f"{d.model_name}#{i}", d.model_name, resolve_secrets(params, environ)))
+        return cls(settings, Routes(targets), events=events, redactor=redactor, throttle=throttle)
 
     async def warm_up(self) -> None:
         """Pay litellm's first-call costs before consuming: lazy imports, tokenizer loads.
 
-        Measured on the 2-core machine: the first Router call blocked the event loop ~1 s and the
+        Measured on the 2-core machine: the first litellm call blocked the event loop ~1 s and the
         first token count ~0.5 s, long enough for Redis reads in flight to time out on a fresh
-        replica. A mock response goes through the Router's real code path without any network.
+        replica. A mock response goes through litellm's real code path without any network.
         """
         # The openai SDK imports its resources (~450 modules) on a client's first real call; a mock
         # never makes one. Measured: the first OpenAI embedding through a worker took 426 ms, then 15.
@@ -317,8 +300,8 @@ class LLM:
         messages = [{"role": "user", "content": "warm-up"}]
         for model in dict.fromkeys(self._litellm_model.values()):
             litellm.token_counter(model=model, messages=messages)
-        group = self.settings.default_model
-        await self.router.acompletion(model=group, messages=messages, mock_response="ok", num_retries=0)
+        params = self.routes.first(self.settings.default_model).params
+        await litellm.acompletion(**{**params, "mock_response": "ok"}, messages=messages, **_ONE_TRY)
 
     # -- model choice and prices -------------------------------------------------------------
 
@@ -538,15 +521,17 @@ class LLM:
         attempts.count += 1
         started = time.monotonic()
         bound = asyncio.timeout(remaining)
+        target: Target | None = None
         with tracing.provider_span(trace_id, model=group, attempt=attempts.count) as span:
             try:
+                target = self.routes.pick(group, admission.deployment if admission else None)
+                attempts.deployment = target.id
+                call = litellm.aembedding if "input" in kwargs else litellm.acompletion
+                # timeout stays one value: litellm caches an SDK client per timeout, so the time left
+                # (bound) as the timeout would make a new client, and connection, per call.
+                arguments = {**target.params, **kwargs, "timeout": self.settings.timeout, **_ONE_TRY}
                 async with bound:
-                    response = await _provider_call(self.router, kwargs)(
-                        model=admission.deployment if admission else group,
-                        timeout=min(self.settings.timeout, remaining),
-                        num_retries=0,
-                        **kwargs,
-                    )
+                    response = await call(**arguments)
                     if attempts.sink is not None:
                         attempts.progress = StreamProgress()
                         response = await read_stream(
@@ -556,6 +541,7 @@ class LLM:
                             kwargs["messages"],
                             networked=group not in self._mocked,
                         )
+                self.routes.answered(target)
                 span.answered(*_usage(response))
                 if admission is not None and self.throttle is not None:
                     await self.throttle.answered(admission, sum(_usage(response)))
@@ -573,6 +559,8 @@ class LLM:
                         redact=lambda text: self._redactor.values(_without_prompt(text, _prompt_of(kwargs))),
                     )
                 )
+                if target is not None:
+                    self.routes.failed(target, error)
                 span.failed(error.kind, error.status_code)
                 if admission is not None and self.throttle is not None:
                     await self.throttle.refused(admission, error)
@@ -620,8 +608,7 @@ class LLM:
     ) -> Completion:
         """``least_completion``: the completion tokens to charge at least (a broken stream's text,
         which a provider that reports output usage only at the end never counted)."""
-        model_id = (getattr(response, "_hidden_params", None) or {}).get("model_id")
-        price = self._prices.get(str(model_id)) or self._group_prices[group]
+        price = self._prices.get(attempts.deployment or "") or self._group_prices[group]
         tokens = _tokens(response)
         if tokens.completion < least_completion:
             tokens = tokens.model_copy(
@@ -742,8 +729,7 @@ class LLM:
         # A provider that reports no usage is charged by our count: never a free call.
         prompt = _usage(response)[0] or input_tokens
         tokens = Tokens(prompt=prompt, total=prompt)
-        model_id = (getattr(response, "_hidden_params", None) or {}).get("model_id")
-        price = self._prices.get(str(model_id)) or self._group_prices[group]
+        price = self._prices.get(attempts.deployment or "") or self._group_prices[group]
         try:
             vectors = _vectors(response, len(request.input), group)
             if request.dimensions is not None and any(len(v) != request.dimensions for v in vectors):
@@ -812,11 +798,6 @@ def _bad_answer(group: str, what: str) -> ProviderError:
     error = ProviderError("ProviderError", f"model '{group}' returned {what}", retryable=False)
     error.model = group
     return error
-
-
-def _provider_call(router: litellm.Router, kwargs: dict[str, Any]) -> Any:
-    """The Router method for these call arguments: an embedding's carry ``input``, a chat's ``messages``."""
-    return router.aembedding if "input" in kwargs else router.acompletion
 
 
 def _prompt_of(kwargs: dict[str, Any]) -> list[dict[str, Any]]:

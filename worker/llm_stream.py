@@ -104,14 +104,3 @@ def _delta(chunk: Any) -> Delta:
         reasoning_content=getattr(delta, "reasoning_content", None) or "",
         tool_calls=[c for c in calls if c.id or c.name or c.arguments],
     )
-
-
-async def plain_stream(model_response: Any, messages: Any, initial_kwargs: Any) -> Any:
-    """Replaces ``Router._acompletion_streaming_iterator``: the provider's stream, unwrapped.
-
-    The Router wraps every stream to fall back mid-answer on an error (continuing another model's
-    answer from the first one's text: a silent switch of model mid-answer), and the wrapper hides
-    the stream's finish reason that :func:`_cut` reads. Our own loop decides fallbacks, and never
-    after the first piece went out (issue #18).
-    """
-    return model_response

@@ -81,7 +81,7 @@ class ModelInfo(BaseModel):
 
 
 class Deployment(BaseModel):
-    """One entry of litellm Router's ``model_list``."""
+    """One deployment of a model group (an entry of litellm Router's ``model_list``, in its form)."""
 
     model_config = _Strict
 
@@ -270,7 +270,7 @@ class LLMSettings(BaseModel):
         "is kept for interactive calls.",
     )
     models: list[Deployment] = Field(
-        min_length=1, description="litellm Router `model_list`: one entry per deployment."
+        min_length=1, description="One entry per deployment, in the form of litellm Router's `model_list`."
     )
     remote_images: RemoteImageSettings = Field(
         default=RemoteImageSettings(),

@@ -5,8 +5,8 @@ For a model group with ``rpm``/``tpm`` on any deployment (litellm's own ``litell
 (:mod:`worker.state.ratelimit` takes the room in one atomic step); when none has, the call waits
 for the soonest room, bounded by the request's deadline, instead of calling and collecting a 429;
 only a wait past the deadline gives up, and the caller falls back to the next model group. The
-call is then pinned to that deployment (the Router is asked for its model id). Groups without
-limits are left to the Router's own choice.
+call is then pinned to that deployment (:meth:`worker.routing.Routes.pick` is given its id).
+Groups without limits are left to the routes' own choice.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ _POLL_CAP_S = 1.0  # waiting for room re-checks at least this often (another rep
 
 @dataclass(frozen=True)
 class Admission:
-    """A call let through ``deployment`` (a Router model id) with its ticket."""
+    """A call let through ``deployment`` (``<model_name>#<index>``, as :mod:`worker.routing` names it)
+    with its ticket."""
 
     deployment: str
     ticket: Ticket

@@ -36,7 +36,7 @@ def test_shipped_production_config_loads_with_keys_in_the_environment():
     providers = {d.litellm_params["model"].split("/")[0] for d in settings.llm.models}
     assert providers >= {"openai", "anthropic", "gemini", "cohere_chat", "perplexity"}
     assert not settings.offline and not any(d.is_mock for d in settings.llm.models)
-    assert "sk-o" not in repr(settings)  # secrets stay references until the Router is built
+    assert "sk-o" not in repr(settings)  # secrets stay references until the routes are built
 
 
 def test_shipped_offline_profile_loads_without_keys():
@@ -50,7 +50,7 @@ def test_shipped_models_are_routable_by_litellm():
 
     settings = load_settings(ROOT / "config", environ=KEYS)
     llm = LLM.build(settings.llm, environ=KEYS)
-    assert {m["model_name"] for m in llm.router.model_list} == settings.llm.model_names
+    assert set(llm.routes.groups) == settings.llm.model_names
 
 
 def test_environment_overrides_urls(config_copy):
