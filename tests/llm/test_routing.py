@@ -182,6 +182,8 @@ async def test_a_429_moves_a_groups_traffic_to_its_other_deployment_priced_as_th
     assert fake.calls["e429"] == 1  # cooled down after its first 429: never called again
     assert fake.calls["ok"] == 6
     assert results[0].attempts == 2 and all(r.attempts == 1 for r in results[1:])
+    # litellm's private flag that skips its success logging is litellm's, never the provider's
+    assert not any("_is_litellm_internal_call" in str(seen) for seen in fake.requests)
     for r in results:  # the answering deployment's price, not the group's dearest or the first's
         assert r.cost_usd == pytest.approx(r.tokens.prompt * 3e-6 + r.tokens.completion * 5e-6)
 

@@ -2,7 +2,7 @@
 
 Each provider is a fake at the network edge speaking that provider's documented wire format
 (``tests/fakes/<provider>.py``), so litellm's real provider code runs: the request crosses the
-broker, the ledger and the Router, and the test checks what the provider received (path, auth,
+broker, the ledger and litellm, and the test checks what the provider received (path, auth,
 body shape), what the agent got back (content, tokens, cost at the configured price)."""
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ async def test_request_reaches_the_provider_in_its_format_and_is_charged_at_its_
     assert result.status is Status.ok, result.error
     assert fake.calls == 1
     provider.shape(fake.requests[0], provider.model_id, provider.key)
+    assert "_is_litellm_internal_call" not in str(fake.requests[0])  # litellm's private flag stays litellm's
     sent = fake.sent[-1]
     assert result.content == sent.text == f"{fake.name} answers: {PROMPT}"
     completion = sent.completion_tokens + provider.extra_completion_tokens
