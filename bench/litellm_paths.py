@@ -10,6 +10,8 @@ to the first line. Paths:
 - router, no success logging: the same with litellm's success logging skipped
 - direct: ``litellm.acompletion`` with the deployment's params (no Router)
 - direct, no success logging
+- direct, no success logging, set-up inline: litellm's synchronous per-call set-up on the event
+  loop instead of its default thread pool (``worker/llm_setup.py``, what the worker does)
 - direct, aiohttp_openai/: the ``aiohttp_openai/`` provider prefix instead of ``openai/`` (it skips
   the openai SDK; in litellm 1.82.6 it returns zero usage and reports every HTTP error as a
   connection error, so the worker refuses it at start-up: the line shows what that costs)
@@ -51,6 +53,9 @@ async def drive(call: Callable[[], Awaitable[object]], calls: int, concurrency: 
 async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
     import litellm
 
+    from worker import llm_setup
+
+    llm_setup.install(asyncio.get_running_loop())
     litellm.suppress_debug_info = True
     params = {"model": "openai/ok", "api_base": f"http://127.0.0.1:{port}/v1", "api_key": "sk-fake"}
     router = litellm.Router(
@@ -66,6 +71,12 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
     messages = [{"role": "user", "content": "hello there general kenobi"}]
     common = {"messages": messages, "temperature": 0.5, "max_tokens": 16, "timeout": 30}
 
+    async def inlined() -> object:
+        with llm_setup.inline():
+            return await litellm.acompletion(
+                **params, max_retries=0, _is_litellm_internal_call=True, **common
+            )
+
     paths: dict[str, Callable[[], Awaitable[object]]] = {
         "router": lambda: router.acompletion(model="chat", num_retries=0, **common),
         "router, no success logging": lambda: router.acompletion(
@@ -75,6 +86,7 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
         "direct, no success logging": lambda: litellm.acompletion(
             **params, max_retries=0, _is_litellm_internal_call=True, **common
         ),
+        "direct, no logging, inline": lambda: inlined(),
         # the same server through litellm's aiohttp provider, which skips the openai SDK
         "direct, aiohttp_openai/": lambda: litellm.acompletion(
             **{**params, "model": "aiohttp_openai/ok"}, max_retries=0, **common

@@ -162,6 +162,7 @@ async def running_worker(
     them, which each full collection walked again: measured with a 64-in-flight load, full
     collections went from 92 to 58 ms each and worker CPU per request fell 5-8 % (bench/).
     """
+    from worker import llm_setup
     from worker.llm import LLM  # litellm's import (~2 s) is paid only where a worker is built
 
     worker_id = worker_id or new_worker_id()
@@ -184,6 +185,7 @@ async def running_worker(
         stack.push_async_callback(heartbeat.stop)
         throttle = Throttle(settings.llm, RateLimits(redis, settings.redis.key_prefix), events=metrics)
         redactor = Redactor(known_secrets(settings))
+        llm_setup.install(asyncio.get_running_loop())  # litellm's per-call set-up on the loop
         llm = LLM.build(settings.llm, events=metrics, redactor=redactor, throttle=throttle)
         await llm.warm_up()
         memory = build_memory_guard(settings, redis)

@@ -39,7 +39,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm
 import structlog
 
-from worker import tracing
+from worker import llm_setup, tracing
 from worker.errors import ConfigError, InvalidRequest, ProviderError, StreamBroken, from_litellm
 from worker.llm_stream import STREAM_KWARGS, DeltaSink, StreamProgress, assemble, read_stream
 from worker.messages import EmbeddingRequest, JSONSchemaFormat, LLMRequest, ThinkingBlock, Tokens, ToolCall
@@ -245,6 +245,11 @@ class LLM:
             self._group_prices[d.model_name] = self._group_prices.get(d.model_name, _NO_PRICE).most(price)
             self._litellm_model.setdefault(d.model_name, d.litellm_params["model"])
             self._deployments.setdefault(d.model_name, []).append(d)
+        # Deployments whose litellm set-up runs on the event loop, not in a thread (worker/llm_setup.py).
+        pure = llm_setup.PURE_SETUP
+        self._set_up_inline = {
+            f"{d.model_name}#{i}" for i, d in enumerate(settings.models) if _route(d)[1] in pure
+        }
         # Groups answered by litellm's mock_response (the offline profile): no provider, no stream to cut.
         self._mocked = {
             g for g, ds in self._deployments.items() if all("mock_response" in d.litellm_params for d in ds)
@@ -535,7 +540,8 @@ class LLM:
                 # (bound) as the timeout would make a new client, and connection, per call.
                 arguments = {**target.params, **kwargs, "timeout": self.settings.timeout, **_ONE_TRY}
                 async with bound:
-                    response = await call(**arguments)
+                    with llm_setup.inline(target.id in self._set_up_inline):
+                        response = await call(**arguments)
                     if attempts.sink is not None:
                         attempts.progress = StreamProgress()
                         response = await read_stream(
