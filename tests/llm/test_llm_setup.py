@@ -1,5 +1,6 @@
-"""litellm's per-call set-up on the event loop instead of its thread pool (worker/llm_setup.py,
-issue #21): which calls it applies to, and that nothing else moves off the threads."""
+"""litellm's work per call that the worker moves or skips (issue #21): its set-up on the event loop
+instead of its thread pool (worker/llm_setup.py), for which calls, and nothing else moved off the
+threads; its cost calculation, which the worker never reads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from tests.support.config import deployment
 from worker import llm_setup
-from worker.messages import Status
+from worker.messages import LLMResult, Status
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -84,3 +85,25 @@ async def test_through_the_worker_known_providers_set_up_on_the_loop_others_in_t
     assert known.status is Status.ok and unknown.status is Status.ok, unknown.error
     assert set_up_on[-1] == loop_thread
     assert set_up_threads[-1] != loop_thread
+
+
+async def test_litellm_works_out_no_cost_of_its_own_while_the_worker_charges_exactly(
+    monkeypatch, make_settings, start_worker, client, fake
+):
+    calculated = []
+    original = litellm.cost_calculator.completion_cost
+    monkeypatch.setattr(
+        litellm.cost_calculator,
+        "completion_cost",
+        lambda *args, **kwargs: calculated.append(1) or original(*args, **kwargs),
+    )
+    settings = make_settings(models=[deployment("primary", "ok", fake.base_url, price=(1e-6, 2e-6))])
+    async with start_worker(settings):
+        result = await client.complete("what does it cost", agent="writer", use_cache=False)
+        streamed = [item async for item in client.stream("and streamed", agent="writer", use_cache=False)][-1]
+
+    for answer in (result, streamed):
+        assert isinstance(answer, LLMResult)
+        assert answer.status is Status.ok and answer.tokens.prompt > 0
+        assert answer.cost_usd == pytest.approx(answer.tokens.prompt * 1e-6 + answer.tokens.completion * 2e-6)
+    assert calculated == []
