@@ -11,7 +11,8 @@ to the first line. Paths:
 - direct: ``litellm.acompletion`` with the deployment's params (no Router)
 - direct, no success logging
 - direct, no success logging, set-up inline: litellm's synchronous per-call set-up on the event
-  loop instead of its default thread pool (``worker/llm_setup.py``, what the worker does)
+  loop instead of its default thread pool (``worker/llm_setup.py``)
+- the same without litellm's own cost calculation (``configure_litellm``): what the worker does
 - direct, aiohttp_openai/: the ``aiohttp_openai/`` provider prefix instead of ``openai/`` (it skips
   the openai SDK; in litellm 1.82.6 it returns zero usage and reports every HTTP error as a
   connection error, so the worker refuses it at start-up: the line shows what that costs)
@@ -87,6 +88,7 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
             **params, max_retries=0, _is_litellm_internal_call=True, **common
         ),
         "direct, no logging, inline": lambda: inlined(),
+        "the same, no litellm cost": lambda: inlined(),
         # the same server through litellm's aiohttp provider, which skips the openai SDK
         "direct, aiohttp_openai/": lambda: litellm.acompletion(
             **{**params, "model": "aiohttp_openai/ok"}, max_retries=0, **common
@@ -94,19 +96,31 @@ async def main(calls: int, concurrency: int, port: int, rounds: int) -> None:
     }
     print(describe())
     print(f"# {calls} calls per path per round, concurrency {concurrency}, {rounds} rounds (interleaved)")
-    for fn in paths.values():
+    litellm_cost = litellm.response_cost_calculator
+
+    def cost_for(name: str) -> None:
+        litellm.response_cost_calculator = _no_cost if "no litellm cost" in name else litellm_cost
+
+    for name, fn in paths.items():
+        cost_for(name)
         await drive(fn, 200, concurrency)  # warm-up
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
+            cost_for(name)
             wall, cpu = await drive(fn, calls, concurrency)
             results[name].append((calls / wall, 1000 * cpu / calls))
+    cost_for("")
     base = None
     for name, runs in results.items():
         rate = sorted(r for r, _ in runs)[len(runs) // 2]
         cpu = sorted(c for _, c in runs)[len(runs) // 2]
         base = base or cpu
         print(f"{name:28s} {rate:7.1f} req/s   cpu/call {cpu:5.2f} ms   cpu vs router {cpu / base:4.2f}")
+
+
+def _no_cost(**_: object) -> None:
+    return None
 
 
 @contextlib.contextmanager
