@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -125,3 +126,11 @@ async def test_streaming_bench_measures_the_first_chunk(amqp_url, redis_url):
     assert out.startswith("# machine: ")
     assert re.search(r"^sequential +first chunk after the provider's first token: p50 \d+\.\d ms", out, re.M)
     assert re.search(r"^concurrent +2 streams at once, time to first chunk: p50 \d+\.\d ms", out, re.M)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (Debian: strace)")
+async def test_syscalls_bench_counts_a_loaded_workers_calls_per_request(amqp_url, redis_url):
+    out = await run_bench(amqp_url, redis_url, "bench/syscalls.py", "--in-flight", "2", "--duration-s", "1")
+    assert out.startswith("# machine: ")
+    assert re.search(r"^in flight 2: [1-9]\d* answered, failed 0$", out, re.M)
+    assert re.search(r"^  sendto +\d+\.\d\d per request$", out, re.M)  # a worker that answers sends
