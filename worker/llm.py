@@ -215,7 +215,7 @@ class _Attempts:
     share: float = 1.0  # of a rate limit's room this call may take (batch: less)
     sink: DeltaSink | None = None  # a streamed call: where its pieces go
     progress: StreamProgress | None = None  # of the last attempt's stream
-    deployment: str | None = None  # the id of the deployment that answered (its price)
+    deployment: str | None = None  # the last attempt's deployment id (the one that answered: its price)
 
     @property
     def streamed(self) -> bool:

@@ -166,17 +166,25 @@ def ordered(
     return entry
 
 
-async def test_a_429_moves_a_groups_traffic_to_its_other_deployment_priced_as_that_one(
-    make_settings, start_worker, client, fake
-):
+async def six_calls(
+    make_settings: Any, start_worker: Any, client: Any, fake: Any, first: str, ok_price: tuple[float, float]
+) -> list[Any]:
+    """Six requests, one after another, to the group ``primary``: the fake's ``first`` behaviour at
+    order 1 (priced 1e-6/2e-6), ``ok`` at order 2."""
     settings = make_settings(
         models=[
-            ordered("primary", "e429", fake.base_url, 1, (1e-6, 2e-6)),
-            ordered("primary", "ok", fake.base_url, 2, (3e-6, 5e-6)),
+            ordered("primary", first, fake.base_url, 1, (1e-6, 2e-6)),
+            ordered("primary", "ok", fake.base_url, 2, ok_price),
         ]
     )
     async with start_worker(settings):
-        results = [await client.complete(f"call {i}", agent="writer", use_cache=False) for i in range(6)]
+        return [await client.complete(f"call {i}", agent="writer", use_cache=False) for i in range(6)]
+
+
+async def test_a_429_moves_a_groups_traffic_to_its_other_deployment_priced_as_that_one(
+    make_settings, start_worker, client, fake
+):
+    results = await six_calls(make_settings, start_worker, client, fake, "e429", (3e-6, 5e-6))
 
     assert all(r.status is Status.ok and r.model == "primary" for r in results)
     assert fake.calls["e429"] == 1  # cooled down after its first 429: never called again
@@ -192,14 +200,7 @@ async def test_an_agents_bad_requests_do_not_take_a_shared_deployment_away_from_
     make_settings, start_worker, client, fake
 ):
     """Six 400s in a row (100 % of the minute's calls) leave the deployment in the rotation."""
-    settings = make_settings(
-        models=[
-            ordered("primary", "e400", fake.base_url, 1, (1e-6, 2e-6)),
-            ordered("primary", "ok", fake.base_url, 2, (1e-6, 2e-6)),
-        ]
-    )
-    async with start_worker(settings):
-        results = [await client.complete(f"bad {i}", agent="writer", use_cache=False) for i in range(6)]
+    results = await six_calls(make_settings, start_worker, client, fake, "e400", (1e-6, 2e-6))
 
     assert all(r.error is not None and r.error.type == "BadRequest" for r in results)
     assert fake.calls["e400"] == 6 and fake.calls["ok"] == 0
