@@ -171,6 +171,8 @@ async def main(args: argparse.Namespace) -> None:
             _, err = await spy.communicate()
             if spy.returncode != 0 or not out.exists():
                 raise SystemExit(f"py-spy failed: {err.decode()[-1000:]}")
+    if args.keep is not None:
+        args.keep.write_text(out.read_text())
     profile = Profile(out.read_text())
     cpu_ms = run.cpu_ms_per_request()
     cpu_pct = 100 * run.worker_cpu_s[0] / run.wall_s
@@ -219,6 +221,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--keep", type=Path, help="also write py-spy's collapsed stacks to this file")
     return parser.parse_args()
 
 
