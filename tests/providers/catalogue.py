@@ -18,6 +18,15 @@ from tests.fakes.vllm import FakeVLLM
 SYSTEM = "You are terse."
 PROMPT = "Name three queues"
 MAX_TOKENS = 64
+#: A tool in OpenAI's chat-completions form, offered to every provider.
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look a word up.",
+        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+    },
+}
 
 
 def _text(parts: Any) -> str:

@@ -12,21 +12,12 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from tests.providers.catalogue import MAX_TOKENS, PROVIDERS, messages
+from tests.providers.catalogue import LOOKUP, MAX_TOKENS, PROVIDERS, messages
 from worker.client import StructuredAnswerError
 from worker.llm import LLM
 from worker.messages import LLMRequest, Status
 from worker.settings import Settings
 from worker.state.ledger import BudgetLedger
-
-LOOKUP = {
-    "type": "function",
-    "function": {
-        "name": "lookup",
-        "description": "Look a word up.",
-        "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
-    },
-}
 
 
 def _offered(name: str, body: dict[str, Any]) -> list[str]:
