@@ -243,6 +243,7 @@ async def running_worker(
             broker=connections.describe_brokers(settings.bus),
             redis=connections.describe_redis(settings.redis),
             models=sorted(settings.llm.model_names),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
             http=f"http://{settings.observe.host}:{http_port}/metrics",
             http_port=http_port,
             startup_s=round(time.monotonic() - started, 3),

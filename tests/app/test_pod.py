@@ -103,3 +103,13 @@ async def test_a_bad_process_count_is_one_line_naming_the_range(config):
         run = await run_cli(config(), "run", "--processes", bad)
         assert run.code == 2
         assert "a whole number from 1 to 64" in run.err and "Traceback" not in run.err
+
+
+def test_a_pods_children_run_on_the_loop_the_pod_was_given():
+    from worker.cli import build_parser
+    from worker.cli.run import _child_args
+
+    for given, loop in (([], "uvloop"), (["--loop", "asyncio"], "asyncio")):
+        args = build_parser().parse_args(["run", "--processes", "2", *given])
+        child = _child_args(args)
+        assert child[child.index("--loop") + 1] == loop

@@ -60,3 +60,18 @@ async def test_the_worker_process_freezes_its_start_up_heap_and_still_answers(
         await peer.publish(request_body("after the freeze", use_cache=False))
         [reply] = await peer.wait_replies(1)
     assert LLMResult.model_validate_json(reply.body).status is Status.ok
+
+
+async def test_the_worker_runs_on_uvloop_unless_told_asyncio(config, amqp_url, names, fake, worker_processes):
+    """`run` starts on uvloop (less CPU per request, issue #21); `--loop asyncio` on Python's own
+    loop; each answers a request end to end."""
+    for flag, loop in (((), "uvloop"), (("--loop", "asyncio"), "asyncio")):
+        worker = await WorkerProcess(config(), args=flag).start()
+        worker_processes.append(worker)
+        [ready] = worker.events("worker.ready")
+        assert ready["event_loop"] == loop
+        async with raw_peer(amqp_url, names.request_queue) as peer:
+            await peer.publish(request_body(f"on {loop}", use_cache=False))
+            [reply] = await peer.wait_replies(1)
+        assert LLMResult.model_validate_json(reply.body).status is Status.ok
+        await worker.stop()

@@ -7,7 +7,7 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     configure_logging(json=args.json_logs, level=args.log_level, secrets=known_secrets(settings))
-    if args.processes > 1:
-        return asyncio.run(Pod(settings, args.processes, _child_args(args)).run())
-    return asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=event_loop(args.loop)) as runner:
+        if args.processes > 1:
+            return runner.run(Pod(settings, args.processes, _child_args(args)).run())
+        return runner.run(serve(settings))
+
+
+def event_loop(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory of the event loop ``--loop`` names (None: asyncio's own).
+
+    uvloop (libuv) is the default: the same worker spent 3-6 % less CPU per request on it
+    (bench/revisions.py; docs/benchmarks.md), and the LiteLLM proxy runs on it too (uvicorn's
+    default). ``--loop asyncio`` is there for a platform uvloop does not build on, or to rule
+    uvloop out when chasing a bug.
+    """
+    if name == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 def _child_args(args: argparse.Namespace) -> list[str]:
-    """What each process of a pod is started with: the parent's log options."""
+    """What each process of a pod is started with: the parent's log and loop options."""
     logs = [] if args.json_logs is None else ["--json-logs" if args.json_logs else "--no-json-logs"]
-    return [*logs, "--log-level", args.log_level]
+    return [*logs, "--log-level", args.log_level, "--loop", args.loop]
 
 
 def _processes(text: str) -> int:
@@ -122,6 +138,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="N worker processes under this one (one per core of the pod); one endpoint, signals forwarded",
+    )
+    run.add_argument(
+        "--loop",
+        choices=["uvloop", "asyncio"],
+        default="uvloop",
+        help="the event loop (default uvloop: less CPU per request; asyncio: Python's own)",
     )
     run.set_defaults(func=cmd_run)
 
