@@ -63,7 +63,7 @@ class Worker:
         self.redactor = redactor or Redactor()
         self.metrics = metrics or Metrics()
         self.in_flight: set[asyncio.Task[Any]] = set()  # running the pipeline
-        self.finishing: set[asyncio.Future[None]] = set()  # publishing, dead-lettering, acking
+        self.finishing: set[asyncio.Future[Any]] = set()  # publishing, dead-lettering, acking
         self.stopping = False
         self.handled = 0
         self.http_port: int | None = None  # of /metrics, /livez, /readyz
@@ -93,11 +93,15 @@ class Worker:
             self.in_flight.discard(task)
         if outcome is None:
             return
-        # Reply, dead-letter and ack must all happen or none: shield them from cancellation.
-        finish = asyncio.ensure_future(self._finish(message, outcome))
-        self.finishing.add(finish)
-        finish.add_done_callback(self.finishing.discard)
-        await asyncio.shield(finish)
+        # Reply, dead-letter and ack must all happen or none. Out of in_flight, this task is one
+        # the drain waits for but never cancels (on_message's shield keeps aiormq's cancel away):
+        # no task of their own needed (issue #21).
+        assert task is not None
+        self.finishing.add(task)
+        try:
+            await self._finish(message, outcome)
+        finally:
+            self.finishing.discard(task)
 
     async def _outcome(self, message: AbstractIncomingMessage) -> Outcome | None:
         # This task's trace context and log context (the pipeline binds the request's ids).

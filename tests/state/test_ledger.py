@@ -326,3 +326,23 @@ async def test_a_redis_error_inside_a_ledger_step_is_an_answered_failure_not_a_c
     assert fake.calls.get("primary", 0) == 0  # never sent to a provider
     dead = await drain_queue(amqp_url, names.dead_letter_queue)
     assert [m.headers["x-dlq-reason"] for m in dead] == ["LedgerUnavailable"]
+
+
+async def test_daily_keys_expire_two_days_after_their_own_day_whichever_day_came_before(redis_client, names):
+    """_keep_until keeps the last day's answer: a request of the next day (or of an earlier one,
+    a clock stepped back) gets its own day's expiry, in the ledger's timezone."""
+    from datetime import date, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    ledger = BudgetLedger(redis_client, names.prefix, budget(timezone="Europe/Paris"), reservation_ttl_s=60)
+    paris = ZoneInfo("Europe/Paris")
+
+    def expected(day: date) -> int:
+        return int(datetime.combine(day + timedelta(days=3), datetime.min.time(), paris).timestamp())
+
+    # Paris moves to summer time on 2026-03-29: the 26th's keys expire then, the 27th's a day later
+    days = [date(2026, 3, 26), date(2026, 3, 26), date(2026, 3, 27), date(2026, 3, 25)]
+    for day in days:
+        [agent, whole] = ledger.scopes("writer", None, day)
+        assert agent.expire_at == whole.expire_at == expected(day), day
+    assert expected(days[2]) - expected(days[0]) == 23 * 3600  # that day is an hour short

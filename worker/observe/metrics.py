@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,6 +38,9 @@ class Metrics:
     def __init__(self, agents: Iterable[str] = ()):
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.agents = frozenset(agents)
+        # The series each answer counts in, by metric and label values (bounded as the labels are):
+        # prometheus_client's labels() takes a lock and re-checks every value per call (issue #21).
+        self._series: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._ledger_lock = asyncio.Lock()
         self._ledger_read_at = -LEDGER_READ_INTERVAL_S
         agent_model, scope = ("agent", "model"), ("scope", "agent")
@@ -174,28 +178,37 @@ class Metrics:
             return "none"
         return agent if agent in self.agents else "other"
 
+    def _at(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set."""
+        key = (id(metric), labels)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = metric.labels(*labels)
+        return series
+
     def observe(self, outcome: Outcome) -> None:
         """Count one answered request: the single place where outcomes become metrics."""
         result = outcome.result
         agent = self._agent(result.agent)
+        at = self._at
         if outcome.duplicate:
-            self.duplicates.labels(agent).inc()
+            at(self.duplicates, agent).inc()
             return
         model = result.model or "none"
-        self.requests.labels(agent, model, result.status.value).inc()
-        self.latency.labels(agent, model).observe(result.latency_ms / 1000)
+        at(self.requests, agent, model, result.status.value).inc()
+        at(self.latency, agent, model).observe(result.latency_ms / 1000)
         if outcome.provider_latency_ms > 0:
-            self.provider_latency.labels(model).observe(outcome.provider_latency_ms / 1000)
+            at(self.provider_latency, model).observe(outcome.provider_latency_ms / 1000)
         cache = "hit" if result.cached else outcome.cache
         if cache is not None:
-            self.cache.labels(agent, cache).inc()
+            at(self.cache, agent, cache).inc()
         if result.status is Status.budget_exceeded:
             scope = (outcome.budget_scope or "unknown").split(":", 1)[0]  # task, agent, day
-            self.budget_rejections.labels(agent, scope).inc()
+            at(self.budget_rejections, agent, scope).inc()
         if not result.cached and (result.tokens.total or result.cost_usd):
-            self.tokens.labels(agent, model, "prompt").inc(result.tokens.prompt)
-            self.tokens.labels(agent, model, "completion").inc(result.tokens.completion)
-            self.cost.labels(agent, model).inc(result.cost_usd)
+            at(self.tokens, agent, model, "prompt").inc(result.tokens.prompt)
+            at(self.tokens, agent, model, "completion").inc(result.tokens.completion)
+            at(self.cost, agent, model).inc(result.cost_usd)
 
     def streamed(
         self, model: str | None, chunks: int, first_chunk_s: float | None, lag_s: float | None

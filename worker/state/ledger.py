@@ -53,6 +53,7 @@ _PAID_SCRIPT = "#!lua flags=allow-oom\n" + _SCRIPT
 _T = TypeVar("_T")
 
 
+@functools.lru_cache(maxsize=256)  # configured limits, converted for every request's scopes
 def to_nano(usd: float) -> int:
     """USD (a configured limit) -> integer nano-dollars, rounded up so a limit is never undershot."""
     return int((Decimal(repr(usd)) * NANO).to_integral_value(ROUND_CEILING))
@@ -117,6 +118,7 @@ class BudgetLedger:
         self.memory = memory
         self.reservation_ttl_ms = int(reservation_ttl_s * 1000)
         self._tz = ZoneInfo(budget.timezone)
+        self._kept: tuple[date, int] | None = None  # the last day's _keep_until, reused all day
         self._script = redis.register_script(_SCRIPT)
         self._paid_script = redis.register_script(_PAID_SCRIPT)
         self.settle_wait = settle_wait
@@ -164,8 +166,12 @@ class BudgetLedger:
 
     def _keep_until(self, day: date) -> int:
         """Daily keys outlive their day by two days (for `budget show`), then expire."""
+        if self._kept is not None and self._kept[0] == day:
+            return self._kept[1]
         day_end = datetime.combine(day + timedelta(days=1), datetime.min.time(), self._tz)
-        return int((day_end + timedelta(days=2)).timestamp())
+        keep = int((day_end + timedelta(days=2)).timestamp())
+        self._kept = (day, keep)
+        return keep
 
     def _keys(self, request_id: str, token: str, scopes: list[Scope]) -> list[str]:
         p = self.prefix
