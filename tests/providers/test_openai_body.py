@@ -183,7 +183,6 @@ async def test_the_provider_receives_the_same_body_with_and_without_the_walk(
             assert result.status is Status.ok, result.error
             bodies.append(fake.requests[-1].body)
     assert fake.calls == 2
-    print("BODIES", bodies)
     assert bodies[0] == bodies[1]
     assert bodies[0]["messages"][1]["content"][1]["image_url"] == {"url": PIXEL, "detail": "low"}
     assert bodies[0]["tools"] == [LOOKUP] and bodies[0]["response_format"] == ANSWER
